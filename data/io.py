@@ -1,0 +1,112 @@
+"""Atomic, validated Parquet I/O: no reader ever sees a partial file, no table leaves a stage off-contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alma_r.data.schemas import required_columns
+
+
+class SchemaError(ValueError):
+    """A table that breaks its contract; the message names the file, the row and the column."""
+
+
+def atomic_path(path: Path):
+    """A temp path in the same folder as `path` (so that os.replace is atomic); the caller renames it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> Path:
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def _validate(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise SchemaError(f"{where}: missing column(s) {missing}; expected {schema.names}")
+    extra = [name for name in table.column_names if name not in schema.names]
+    if extra:
+        raise SchemaError(f"{where}: unexpected column(s) {extra}; expected {schema.names}")
+    table = table.select(schema.names)
+    try:
+        table = table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+        raise SchemaError(f"{where}: column types do not match the contract: {err}") from None
+    for name in required_columns(schema):
+        column = table.column(name)
+        if column.null_count:
+            row = column.to_pylist().index(None)
+            raise SchemaError(f"{where}: row {row}: field '{name}' is null but required")
+    return table
+
+
+def to_table(rows: Iterable[Mapping[str, Any]] | pa.Table, schema: pa.Schema, where: str = "<table>") -> pa.Table:
+    if isinstance(rows, pa.Table):
+        return _validate(rows, schema, where)
+    rows = list(rows)
+    for i, row in enumerate(rows):
+        unknown = set(row) - set(schema.names)
+        if unknown:
+            raise SchemaError(f"{where}: row {i}: unexpected field(s) {sorted(unknown)}")
+    columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    try:
+        table = pa.table(columns, schema=schema.remove_metadata())
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise SchemaError(f"{where}: {err}") from None
+    return _validate(table, schema, where)
+
+
+def write_table(rows: Iterable[Mapping[str, Any]] | pa.Table, path: Path, schema: pa.Schema) -> Path:
+    """Validate `rows` against `schema`, then write them to `path` atomically (temp file + rename)."""
+    path = Path(path)
+    table = to_table(rows, schema, where=str(path))
+    tmp = atomic_path(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_table(path: Path, schema: pa.Schema) -> pa.Table:
+    """Read a Parquet file and check it against `schema`; a broken or off-contract file raises SchemaError."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise SchemaError(f"{path}: not a readable Parquet file: {err}") from None
+    return _validate(table, schema, str(path))
+
+
+def read_rows(path: Path, schema: pa.Schema) -> list[dict[str, Any]]:
+    return read_table(path, schema).to_pylist()

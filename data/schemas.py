@@ -1,0 +1,120 @@
+"""The Parquet tables that stages exchange. One schema per table; docs/data-contracts.md describes each column.
+
+Stages share these schemas, never each other's code: a stage reads its inputs with `read_table(path, SCHEMA)`
+and writes its outputs with `write_table(rows, path, SCHEMA)`, both of which enforce the contract.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# A column that must hold a value on every row; the others may be null.
+_REQUIRED = b"required"
+
+
+def _field(name: str, dtype: pa.DataType, required: bool = True) -> pa.Field:
+    return pa.field(name, dtype, nullable=not required, metadata={_REQUIRED: b"1" if required else b"0"})
+
+
+def required_columns(schema: pa.Schema) -> list[str]:
+    return [f.name for f in schema if not f.nullable]
+
+
+# One source sentence with its reference, in one translation direction.
+SEGMENTS = pa.schema(
+    [
+        _field("id", pa.string()),  # unique within a run, e.g. "wmt22:de-en:17"
+        _field("lp", pa.string()),  # language pair "de-en" = translate de -> en
+        _field("src_lang", pa.string()),
+        _field("tgt_lang", pa.string()),
+        _field("src", pa.string()),
+        _field("ref", pa.string(), required=False),  # null for source-only inputs
+        _field("origin", pa.string()),  # file or test set the segment was read from
+        _field("split", pa.string()),  # "train" (SFT + preference sources), "valid" or "test"
+    ]
+)
+
+# One translation of one segment by one system. The reference is not a candidate row: selection adds it.
+CANDIDATES = pa.schema(
+    [
+        _field("segment_id", pa.string()),
+        _field("lp", pa.string()),
+        _field("system", pa.string()),  # name from the config, e.g. "tiny-sft-greedy"
+        _field("hypothesis", pa.string()),
+        _field("model_id", pa.string()),  # base model path or id
+        _field("adapter", pa.string(), required=False),  # LoRA adapter path, when one is applied
+        _field("generation", pa.string()),  # JSON of the decoding settings
+    ]
+)
+
+# One score of one candidate (or of the reference, system "reference") by one metric.
+SCORES = pa.schema(
+    [
+        _field("segment_id", pa.string()),
+        _field("lp", pa.string()),
+        _field("system", pa.string()),
+        _field("metric", pa.string()),  # e.g. "chrf", "xcomet_xxl", "kiwi_xxl"
+        _field("model_id", pa.string()),  # COMET checkpoint, or the sacrebleu signature for string metrics
+        _field("score", pa.float64()),
+    ]
+)
+
+# One preference pair, in TRL's prompt/chosen/rejected layout plus its provenance.
+PAIRS = pa.schema(
+    [
+        _field("prompt", pa.string()),
+        _field("chosen", pa.string()),
+        _field("rejected", pa.string()),
+        _field("segment_id", pa.string()),
+        _field("lp", pa.string()),
+        _field("chosen_system", pa.string()),
+        _field("rejected_system", pa.string()),
+        _field("chosen_score", pa.float64()),
+        _field("rejected_score", pa.float64()),
+        _field("margin", pa.float64()),
+    ]
+)
+
+# One segment that yielded no pair, with the reason (selection is auditable).
+DROPPED = pa.schema(
+    [
+        _field("segment_id", pa.string()),
+        _field("lp", pa.string()),
+        _field("reason", pa.string()),
+        _field("detail", pa.string(), required=False),
+    ]
+)
+
+# One corpus-level score of one system on one test set and direction.
+EVAL_RESULTS = pa.schema(
+    [
+        _field("test_set", pa.string()),
+        _field("lp", pa.string()),
+        _field("system", pa.string()),
+        _field("metric", pa.string()),
+        _field("score", pa.float64()),
+        _field("signature", pa.string()),  # sacrebleu signature, or COMET model id
+        _field("n_segments", pa.int64()),
+    ]
+)
+
+# One system output on one test segment, kept so that every score can be recomputed.
+HYPOTHESES = pa.schema(
+    [
+        _field("segment_id", pa.string()),
+        _field("test_set", pa.string()),
+        _field("lp", pa.string()),
+        _field("system", pa.string()),
+        _field("hypothesis", pa.string()),
+    ]
+)
+
+ALL = {
+    "segments": SEGMENTS,
+    "candidates": CANDIDATES,
+    "scores": SCORES,
+    "pairs": PAIRS,
+    "dropped": DROPPED,
+    "eval_results": EVAL_RESULTS,
+    "hypotheses": HYPOTHESES,
+}

@@ -1,0 +1,52 @@
+"""run.json: what a run did, stage by stage (status, cached, seconds, outputs, counts), rewritten atomically
+after every stage so that a crash leaves an accurate record of the finished work."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from alma_r import __version__
+from alma_r.data.io import write_json_atomic
+from alma_r.tasks.stage import StageResult, code_version
+
+
+class RunRecord:
+    def __init__(self, run_dir: Path, config_path: str | None, overrides: list[str], config: dict):
+        self.path = Path(run_dir) / "run.json"
+        self.data = {
+            "run": Path(run_dir).name,
+            "run_dir": str(run_dir),
+            "config_path": config_path,
+            "overrides": overrides,
+            "alma_r_version": __version__,
+            "code_version": code_version(),
+            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "finished": None,
+            "status": "running",
+            "stages": {},
+            "config": config,
+        }
+        self.save()
+
+    def stage_done(self, result: StageResult):
+        self.data["stages"][result.stage] = {
+            "status": "completed",
+            "cached": result.cached,
+            "seconds": result.seconds,
+            "outputs": result.outputs,
+            "counts": result.counts,
+        }
+        self.save()
+
+    def stage_failed(self, stage: str, error: BaseException):
+        self.data["stages"][stage] = {"status": "failed", "cached": False, "error": f"{type(error).__name__}: {error}"}
+        self.finish("failed")
+
+    def finish(self, status: str = "completed"):
+        self.data["status"] = status
+        self.data["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self.save()
+
+    def save(self):
+        write_json_atomic(self.path, self.data)

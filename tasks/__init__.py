@@ -1,0 +1,1 @@
+"""One module per stage of build-alma-r: a plain `run_<stage>` function over files and a thin Prefect task."""

@@ -1,0 +1,37 @@
+"""Stage 1b, prepare the base model: build the tiny local model, or hand a hub id / folder through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from alma_r.config import RunConfig
+from alma_r.data.io import read_rows
+from alma_r.data.schemas import SEGMENTS
+from alma_r.models.tiny import build_tiny_model
+from alma_r.tasks.stage import StageResult, run_stage, stage_key
+
+
+def run_prepare_model(cfg: RunConfig, segments_path: Path, out_dir: Path) -> tuple[dict, dict]:
+    if cfg.model.base != "tiny":
+        return {"model": cfg.model.base}, {"built": False}
+    segments = [r for r in read_rows(segments_path, SEGMENTS) if r["split"] != "test"]
+    # The tokenizer learns from the training text only: test sets must not leak into the vocabulary.
+    texts = [r["src"] for r in segments] + [r["ref"] for r in segments if r["ref"]]
+    t = cfg.model.tiny
+    path = build_tiny_model(texts, out_dir / "model", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                            intermediate_size=t.intermediate_size,
+                            max_position_embeddings=t.max_position_embeddings, seed=cfg.run.seed)
+    return {"model": path}, {"built": True, "tokenizer_texts": len(texts)}
+
+
+@task(name="prepare-model", cache_policy=NO_CACHE)
+def prepare_model_task(cfg: RunConfig, run_dir: Path, segments: StageResult) -> StageResult:
+    """The base model the run starts from."""
+    upstream = [segments] if cfg.model.base == "tiny" else []
+    key = stage_key("prepare_model", cfg.section_hash("model"), upstream, extra=cfg.run.seed)
+    return run_stage("prepare_model", run_dir / "prepare_model", key,
+                     lambda out: run_prepare_model(cfg, segments.path("segments"), out))

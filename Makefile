@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (the whole build-alma-r flow on the tiny CPU config) and
+# `make test`. Both create the environment in .venv first if it is missing or pyproject.toml changed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+READY := $(VENV)/.ready
+CONFIG ?= configs/tiny.yaml
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: demo test lint env clean-runs
+
+env: $(READY)
+
+# torch is installed first and pinned: this machine holds the 2.13.0 CPU wheel; an unpinned torch would pull
+# a multi-GB CUDA build.
+$(READY): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(READY)
+	$(VENV)/bin/alma-r run --config $(CONFIG)
+
+test: $(READY)
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(READY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,88 @@
+"""The whole build-alma-r flow on a miniature config: every stage runs, the second run reuses every stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+MINI = [
+    "sft.max_steps=8", "sft.batch_size=8",
+    "generate.max_sources_per_lp=6", "generate.systems=[{name: greedy, max_new_tokens: 12},"
+    " {name: sample, do_sample: true, max_new_tokens: 12}]",
+    "train.max_steps=3", "train.batch_size=2", "train.save_steps=2", "train.logging_steps=1",
+    "evaluate.num_beams=2", "evaluate.max_new_tokens=12",
+    "model.tiny.vocab_size=400", "model.tiny.num_hidden_layers=1", "model.tiny.intermediate_size=128",
+]
+
+
+def mini_config(tmp_path: Path) -> Path:
+    """configs/tiny.yaml with fewer lines per source, written to tmp_path (its sample: paths still resolve)."""
+    cfg = yaml.safe_load((REPO / "configs/tiny.yaml").read_text())
+    for source in cfg["ingest"]["sources"]:
+        source["max_segments"] = 200 if source["split"] == "train" else 6
+    cfg["run"]["root"] = str(tmp_path / "runs")
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, prefect_harness):
+    from alma_r.flows.build_alma_r import build_alma_r
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    config = mini_config(tmp)
+    run_dir = Path(build_alma_r(config_path=str(config), overrides=MINI))
+    first = json.loads((run_dir / "run.json").read_text())
+    report_mtime = (run_dir / "train" / "adapter").stat().st_mtime
+    run_dir_again = Path(build_alma_r(config_path=str(config), overrides=MINI))
+    second = json.loads((run_dir / "run.json").read_text())
+    return run_dir, first, second, run_dir_again, report_mtime
+
+
+STAGES = ["ingest", "prepare_model", "sft", "generate", "score", "select", "train", "evaluate", "report"]
+
+
+def test_every_stage_completes_then_is_reused(finished_run):
+    run_dir, first, second, again, _ = finished_run
+    assert again == run_dir
+    assert list(first["stages"]) == STAGES
+    assert all(s["status"] == "completed" and s["cached"] is False for s in first["stages"].values())
+    assert all(s["status"] == "completed" and s["cached"] is True for s in second["stages"].values())
+    assert first["status"] == second["status"] == "completed"
+
+
+def test_outputs_follow_the_contracts(finished_run):
+    run_dir, first, *_ = finished_run
+    from alma_r.data.io import read_rows
+    from alma_r.data.schemas import EVAL_RESULTS, PAIRS
+
+    pairs = read_rows(run_dir / "select" / "pairs.parquet", PAIRS)
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert all(p["chosen_score"] >= p["rejected_score"] for p in pairs)
+    results = read_rows(run_dir / "evaluate" / "eval.parquet", EVAL_RESULTS)
+    systems = {(r["lp"], r["system"]) for r in results}
+    for lp in ("de-en", "en-de"):
+        assert {(lp, "baseline"), (lp, "cpo"), (lp, "ALMA-13B-R (published)")} <= systems
+    adapter = run_dir / "train" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert len(pq.read_table(run_dir / "evaluate" / "hypotheses.parquet")) == 3 * 12
+
+
+def test_report_lists_both_directions_and_signatures(finished_run):
+    run_dir, *_ = finished_run
+    report = (run_dir / "report.md").read_text()
+    assert "| baseline |" in report and "| cpo |" in report
+    assert "de-en (n=6)" in report and "en-de (n=6)" in report
+    assert "tok:13a" in report and "chrF" in report
+
+
+def test_second_run_did_not_retrain(finished_run):
+    run_dir, _, _, _, adapter_mtime = finished_run
+    assert (run_dir / "train" / "adapter").stat().st_mtime == adapter_mtime

@@ -16,8 +16,14 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     for p in (run, check):
         p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.beta=0.2 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set train.beta=0.2 (repeatable)",
+        )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

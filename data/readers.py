@@ -37,13 +37,23 @@ def _check_text(path: Path, where: int, field: str, text: object) -> str:
     return text
 
 
-def _segments(pairs: Iterator[tuple[int, str, str]], pair: str, directions: list[str], origin: str,
-              split: str, id_prefix: str, path: Path) -> list[dict]:
+def _segments(
+    pairs: Iterator[tuple[int, str, str]],
+    pair: str,
+    directions: list[str],
+    origin: str,
+    split: str,
+    id_prefix: str,
+    path: Path,
+) -> list[dict]:
     """Emit one segment per (sentence pair, requested direction); `pairs` yields (line, text_a, text_b)
     with text_a in the pair's first language."""
-    a, b = split_lp(pair)
-    for lp in directions:
-        src, tgt = split_lp(lp)
+    try:
+        a, b = split_lp(pair)
+        parsed = [split_lp(lp) for lp in directions]
+    except ValueError as err:
+        raise IngestError(f"{path}:0: {err}") from None
+    for lp, (src, tgt) in zip(directions, parsed, strict=True):
         if {src, tgt} != {a, b}:
             raise IngestError(f"{path}:0: direction '{lp}' is not a direction of the pair '{pair}'")
     rows = []
@@ -66,8 +76,14 @@ def _segments(pairs: Iterator[tuple[int, str, str]], pair: str, directions: list
     return rows
 
 
-def read_alma_json(path: Path, pair: str, directions: list[str], split: str, origin: str | None = None,
-                   max_items: int | None = None) -> list[dict]:
+def read_alma_json(
+    path: Path,
+    pair: str,
+    directions: list[str],
+    split: str,
+    origin: str | None = None,
+    max_items: int | None = None,
+) -> list[dict]:
     """ALMA's parallel files: JSON lines of `{"translation": {"de": ..., "en": ...}}`, or one JSON list of them."""
     path = Path(path)
     try:
@@ -75,8 +91,8 @@ def read_alma_json(path: Path, pair: str, directions: list[str], split: str, ori
     except ValueError as err:
         raise IngestError(f"{path}:0: {err}") from None
     lines = read_lines(path)
-    text = "\n".join(lines).lstrip()
-    if text.startswith("["):
+    text = "\n".join(lines)
+    if text.lstrip().startswith("["):
         try:
             items = [(i, item) for i, item in enumerate(json.loads(text), start=1)]
         except json.JSONDecodeError as err:
@@ -100,16 +116,27 @@ def read_alma_json(path: Path, pair: str, directions: list[str], split: str, ori
                 raise IngestError(f"{path}:{where}: field 'translation' is missing or not an object")
             for lang in (a, b):
                 if lang not in translation:
-                    raise IngestError(f"{path}:{where}: field 'translation.{lang}' is missing "
-                                      f"(has {sorted(translation)})")
-            yield where, _check_text(path, where, f"translation.{a}", translation[a]), \
-                _check_text(path, where, f"translation.{b}", translation[b])
+                    raise IngestError(
+                        f"{path}:{where}: field 'translation.{lang}' is missing (has {sorted(translation)})"
+                    )
+            yield (
+                where,
+                _check_text(path, where, f"translation.{a}", translation[a]),
+                _check_text(path, where, f"translation.{b}", translation[b]),
+            )
 
     return _segments(pairs(), pair, directions, origin or path.name, split, origin or path.stem, path)
 
 
-def read_aligned_text(path_a: Path, path_b: Path, pair: str, directions: list[str], split: str,
-                      origin: str | None = None, max_lines: int | None = None) -> list[dict]:
+def read_aligned_text(
+    path_a: Path,
+    path_b: Path,
+    pair: str,
+    directions: list[str],
+    split: str,
+    origin: str | None = None,
+    max_lines: int | None = None,
+) -> list[dict]:
     """Two plain-text files, one segment a line, line i of `path_a` (pair's first language) aligned with
     line i of `path_b`."""
     path_a, path_b = Path(path_a), Path(path_b)
@@ -120,8 +147,10 @@ def read_aligned_text(path_a: Path, path_b: Path, pair: str, directions: list[st
     lines_a, lines_b = read_lines(path_a), read_lines(path_b)
     if len(lines_a) != len(lines_b):
         shorter, n = (path_a, len(lines_a)) if len(lines_a) < len(lines_b) else (path_b, len(lines_b))
-        raise IngestError(f"{shorter}:{n + 1}: misaligned files: {path_a.name} has {len(lines_a)} lines, "
-                          f"{path_b.name} has {len(lines_b)}")
+        raise IngestError(
+            f"{shorter}:{n + 1}: misaligned files: {path_a.name} has {len(lines_a)} lines, "
+            f"{path_b.name} has {len(lines_b)}"
+        )
     if max_lines is not None:
         lines_a, lines_b = lines_a[:max_lines], lines_b[:max_lines]
 
@@ -132,8 +161,9 @@ def read_aligned_text(path_a: Path, path_b: Path, pair: str, directions: list[st
     return _segments(pairs(), pair, directions, origin or path_a.name, split, origin or path_a.stem, path_a)
 
 
-def read_sacrebleu_test_set(test_set: str, lp: str, origin: str | None = None,
-                            max_lines: int | None = None) -> list[dict]:
+def read_sacrebleu_test_set(
+    test_set: str, lp: str, origin: str | None = None, max_lines: int | None = None
+) -> list[dict]:
     """A WMT test set through sacrebleu's own API (downloads on first use, so it needs the internet once)."""
     from sacrebleu import DATASETS
 
@@ -150,7 +180,15 @@ def read_sacrebleu_test_set(test_set: str, lp: str, origin: str | None = None,
         srcs, refs = srcs[:max_lines], refs[:max_lines]
     name = origin or test_set
     return [
-        {"id": f"{name}:{lp}:{i}", "lp": lp, "src_lang": src_lang, "tgt_lang": tgt_lang,
-         "src": _check_text(Path(src_path), i, "src", s), "ref": r, "origin": name, "split": "test"}
+        {
+            "id": f"{name}:{lp}:{i}",
+            "lp": lp,
+            "src_lang": src_lang,
+            "tgt_lang": tgt_lang,
+            "src": _check_text(Path(src_path), i, "src", s),
+            "ref": r,
+            "origin": name,
+            "split": "test",
+        }
         for i, (s, r) in enumerate(zip(srcs, refs, strict=True), start=1)
     ]

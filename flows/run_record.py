@@ -40,7 +40,11 @@ class RunRecord:
         self.save()
 
     def stage_failed(self, stage: str, error: BaseException):
-        self.data["stages"][stage] = {"status": "failed", "cached": False, "error": f"{type(error).__name__}: {error}"}
+        self.data["stages"][stage] = {
+            "status": "failed",
+            "cached": False,
+            "error": f"{type(error).__name__}: {error}",
+        }
         self.finish("failed")
 
     def finish(self, status: str = "completed"):

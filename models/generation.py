@@ -27,14 +27,22 @@ def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
     return input_ids, attention_mask
 
 
 @torch.inference_mode()
-def generate_translations(model, tokenizer, prompts: list[str], decoding: Decoding, batch_size: int,
-                          max_prompt_tokens: int, seed: int = 0, desc: str = "generate") -> list[str | None]:
+def generate_translations(
+    model,
+    tokenizer,
+    prompts: list[str],
+    decoding: Decoding,
+    batch_size: int,
+    max_prompt_tokens: int,
+    seed: int = 0,
+    desc: str = "generate",
+) -> list[str | None]:
     """One post-processed translation per prompt, or None where the prompt exceeds `max_prompt_tokens`."""
     model.eval()
     device = next(model.parameters()).device
@@ -54,10 +62,12 @@ def generate_translations(model, tokenizer, prompts: list[str], decoding: Decodi
     if decoding.do_sample:
         kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
     for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", leave=False, disable=None):
-        idx = todo[start:start + batch_size]
+        idx = todo[start : start + batch_size]
         input_ids, attention_mask = _left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
-        new_tokens = out[:, input_ids.shape[1]:]
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+        )
+        new_tokens = out[:, input_ids.shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
             outputs[i] = postprocess(text)
     return outputs

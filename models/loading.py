@@ -19,8 +19,14 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(model_path: str, adapter: str | None = None, dtype: str = "float32", trainable_adapter: bool = False,
-               trust_remote_code: bool = False, device: str | torch.device = "cpu"):
+def load_model(
+    model_path: str,
+    adapter: str | None = None,
+    dtype: str = "float32",
+    trainable_adapter: bool = False,
+    trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+):
     """The base model, with a LoRA adapter applied when given (trainable or frozen)."""
     from transformers import AutoModelForCausalLM
 
@@ -36,6 +42,7 @@ def load_model(model_path: str, adapter: str | None = None, dtype: str = "float3
 
 def model_identity(model_path: str, adapter: str | None) -> dict[str, str | None]:
     """How a model is recorded in outputs: local folders by resolved path, hub ids as they are."""
+
     def show(p: str | None) -> str | None:
         return str(Path(p).resolve()) if p is not None and Path(p).exists() else p
 

@@ -22,7 +22,9 @@ def _metric(name: str, tgt_lang: str, sentence: bool):
     raise ValueError(f"unknown string metric '{name}' (known: chrf, bleu)")
 
 
-def sentence_scores(name: str, hypotheses: list[str], references: list[str], tgt_lang: str) -> tuple[list[float], str]:
+def sentence_scores(
+    name: str, hypotheses: list[str], references: list[str], tgt_lang: str
+) -> tuple[list[float], str]:
     """Per-segment scores and the metric's signature."""
     metric = _metric(name, tgt_lang, sentence=True)
     scores = [metric.sentence_score(h, [r]).score for h, r in zip(hypotheses, references, strict=True)]

@@ -30,9 +30,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
 
 
-def build_tiny_model(texts: list[str], out_dir: Path, vocab_size: int, hidden_size: int, num_hidden_layers: int,
-                     num_attention_heads: int, intermediate_size: int, max_position_embeddings: int,
-                     seed: int) -> Path:
+def build_tiny_model(
+    texts: list[str],
+    out_dir: Path,
+    vocab_size: int,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    seed: int,
+) -> Path:
     """Train the tokenizer, initialise a LlamaForCausalLM, save both (safetensors) to `out_dir` atomically."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

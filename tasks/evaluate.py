@@ -22,17 +22,30 @@ from alma_r.tasks.stage import StageResult, run_stage, stage_key
 METRICS = ("bleu", "chrf")
 
 
-def translate_test_sets(cfg: RunConfig, tests: list[dict], model_path: str, adapter: str | None,
-                        name: str) -> tuple[list[str], int]:
+def translate_test_sets(
+    cfg: RunConfig, tests: list[dict], model_path: str, adapter: str | None, name: str
+) -> tuple[list[str], int]:
     """Hypotheses in `tests` order; a prompt over the limit gets an empty hypothesis and is counted."""
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = load_model(model_path, adapter=adapter, dtype=cfg.model.dtype,
-                       trust_remote_code=cfg.model.trust_remote_code, device=pick_device())
+    model = load_model(
+        model_path,
+        adapter=adapter,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        device=pick_device(),
+    )
     e = cfg.evaluate
     prompts = [make_prompt(r["src"], r["src_lang"], r["tgt_lang"]) for r in tests]
-    hyps = generate_translations(model, tokenizer, prompts, Decoding(num_beams=e.num_beams,
-                                 max_new_tokens=e.max_new_tokens), e.batch_size, e.max_prompt_tokens,
-                                 seed=cfg.run.seed, desc=f"evaluate {name}")
+    hyps = generate_translations(
+        model,
+        tokenizer,
+        prompts,
+        Decoding(num_beams=e.num_beams, max_new_tokens=e.max_new_tokens),
+        e.batch_size,
+        e.max_prompt_tokens,
+        seed=cfg.run.seed,
+        desc=f"evaluate {name}",
+    )
     return [h if h is not None else "" for h in hyps], sum(h is None for h in hyps)
 
 
@@ -46,23 +59,32 @@ def imported_hypotheses(cfg: RunConfig, tests: list[dict]) -> dict[str, list[str
             path = resolve_path(file, config_base_dir(cfg))
             lines = read_lines(path)
             if len(lines) < len(rows):
-                raise IngestError(f"{path}:{len(lines) + 1}: {system.name} has {len(lines)} lines, "
-                                  f"the {system.origin} {lp} test set has {len(rows)} segments")
+                raise IngestError(
+                    f"{path}:{len(lines) + 1}: {system.name} has {len(lines)} lines, "
+                    f"the {system.origin} {lp} test set has {len(rows)} segments"
+                )
             for i, line in zip(rows, lines, strict=False):
                 hyps[i] = line
         out[system.name] = hyps
     return out
 
 
-def run_evaluate(cfg: RunConfig, segments_path: Path, model_path: str, base_adapter: str | None,
-                 cpo_adapter: str, out_dir: Path) -> tuple[dict, dict]:
+def run_evaluate(
+    cfg: RunConfig,
+    segments_path: Path,
+    model_path: str,
+    base_adapter: str | None,
+    cpo_model: str,
+    cpo_adapter: str | None,
+    out_dir: Path,
+) -> tuple[dict, dict]:
     tests = [r for r in read_rows(segments_path, SEGMENTS) if r["split"] == "test" and r["ref"]]
     if not tests:
         raise ValueError("no test segments: add a source with split: test to ingest.sources")
     systems: dict[str, list[str | None]] = {}
     counts = {"test_segments": len(tests)}
-    for name, adapter in (("baseline", base_adapter), ("cpo", cpo_adapter)):
-        systems[name], too_long = translate_test_sets(cfg, tests, model_path, adapter, name)
+    for name, model, adapter in (("baseline", model_path, base_adapter), ("cpo", cpo_model, cpo_adapter)):
+        systems[name], too_long = translate_test_sets(cfg, tests, model, adapter, name)
         counts[f"{name}/prompt_too_long"] = too_long
     systems.update(imported_hypotheses(cfg, tests))
 
@@ -77,21 +99,54 @@ def run_evaluate(cfg: RunConfig, segments_path: Path, model_path: str, base_adap
             sys_hyps, refs = [hyps[i] for i in idx], [tests[i]["ref"] for i in idx]
             for metric in METRICS:
                 score, signature = corpus_score(metric, sys_hyps, refs, tgt_lang=tests[idx[0]]["tgt_lang"])
-                results.append({"test_set": test_set, "lp": lp, "system": system, "metric": metric, "score": score,
-                                "signature": signature, "n_segments": len(idx)})
-            hyp_rows += [{"segment_id": tests[i]["id"], "test_set": test_set, "lp": lp, "system": system,
-                          "hypothesis": hyps[i]} for i in idx]
-    outputs = {"eval": write_table(results, out_dir / "eval.parquet", EVAL_RESULTS),
-               "hypotheses": write_table(hyp_rows, out_dir / "hypotheses.parquet", HYPOTHESES)}
+                results.append(
+                    {
+                        "test_set": test_set,
+                        "lp": lp,
+                        "system": system,
+                        "metric": metric,
+                        "score": score,
+                        "signature": signature,
+                        "n_segments": len(idx),
+                    }
+                )
+            hyp_rows += [
+                {
+                    "segment_id": tests[i]["id"],
+                    "test_set": test_set,
+                    "lp": lp,
+                    "system": system,
+                    "hypothesis": hyps[i],
+                }
+                for i in idx
+            ]
+    outputs = {
+        "eval": write_table(results, out_dir / "eval.parquet", EVAL_RESULTS),
+        "hypotheses": write_table(hyp_rows, out_dir / "hypotheses.parquet", HYPOTHESES),
+    }
     return outputs, {**counts, "results": len(results)}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: RunConfig, run_dir: Path, segments: StageResult, policy: StageResult,
-                  trained: StageResult) -> StageResult:
+def evaluate_task(
+    cfg: RunConfig, run_dir: Path, segments: StageResult, policy: StageResult, trained: StageResult
+) -> StageResult:
     """Baseline (before CPO) vs CPO model on the test sets."""
     files = [resolve_path(f, config_base_dir(cfg)) for s in cfg.evaluate.imported for f in s.files.values()]
-    key = stage_key("evaluate", cfg.section_hash("evaluate", "model"), [segments, policy, trained], files=files)
-    return run_stage("evaluate", run_dir / "evaluate", key, lambda out: run_evaluate(
-        cfg, segments.path("segments"), policy.outputs["model"], policy.outputs.get("adapter"),
-        trained.outputs["adapter"], out))
+    key = stage_key(
+        "evaluate", cfg.section_hash("evaluate", "model"), [segments, policy, trained], files=files
+    )
+    return run_stage(
+        "evaluate",
+        run_dir / "evaluate",
+        key,
+        lambda out: run_evaluate(
+            cfg,
+            segments.path("segments"),
+            policy.outputs["model"],
+            policy.outputs.get("adapter"),
+            trained.outputs.get("model", policy.outputs["model"]),
+            trained.outputs.get("adapter"),
+            out,
+        ),
+    )

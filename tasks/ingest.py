@@ -25,15 +25,30 @@ def source_files(source: SourceConfig, base_dir: Path) -> list[Path]:
 
 def read_source(source: SourceConfig, base_dir: Path) -> list[dict]:
     if source.kind == "alma_json":
-        return read_alma_json(resolve_path(source.path, base_dir), source.pair, source.directions, source.split,
-                              origin=source.name, max_items=source.max_segments)
+        return read_alma_json(
+            resolve_path(source.path, base_dir),
+            source.pair,
+            source.directions,
+            source.split,
+            origin=source.name,
+            max_items=source.max_segments,
+        )
     if source.kind == "aligned_text":
         a, b = source_files(source, base_dir)
-        return read_aligned_text(a, b, source.pair, source.directions, source.split, origin=source.name,
-                                 max_lines=source.max_segments)
+        return read_aligned_text(
+            a,
+            b,
+            source.pair,
+            source.directions,
+            source.split,
+            origin=source.name,
+            max_lines=source.max_segments,
+        )
     rows = []
     for lp in source.directions:
-        rows += read_sacrebleu_test_set(source.test_set, lp, origin=source.name, max_lines=source.max_segments)
+        rows += read_sacrebleu_test_set(
+            source.test_set, lp, origin=source.name, max_lines=source.max_segments
+        )
     return rows
 
 
@@ -50,7 +65,9 @@ def run_ingest(cfg: RunConfig, out_dir: Path) -> tuple[dict, dict]:
     seen: set[str] = set()
     for row in rows:
         if row["id"] in seen:
-            raise IngestError(f"{row['origin']}:0: duplicate segment id '{row['id']}': give each source a unique name")
+            raise IngestError(
+                f"{row['origin']}:0: duplicate segment id '{row['id']}': give each source a unique name"
+            )
         seen.add(row["id"])
     path = write_table(rows, out_dir / "segments.parquet", SEGMENTS)
     by_split = Counter(f"{r['split']}/{r['lp']}" for r in rows)

@@ -21,10 +21,17 @@ def run_prepare_model(cfg: RunConfig, segments_path: Path, out_dir: Path) -> tup
     # The tokenizer learns from the training text only: test sets must not leak into the vocabulary.
     texts = [r["src"] for r in segments] + [r["ref"] for r in segments if r["ref"]]
     t = cfg.model.tiny
-    path = build_tiny_model(texts, out_dir / "model", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                            intermediate_size=t.intermediate_size,
-                            max_position_embeddings=t.max_position_embeddings, seed=cfg.run.seed)
+    path = build_tiny_model(
+        texts,
+        out_dir / "model",
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=t.max_position_embeddings,
+        seed=cfg.run.seed,
+    )
     return {"model": path}, {"built": True, "tokenizer_texts": len(texts)}
 
 
@@ -33,5 +40,9 @@ def prepare_model_task(cfg: RunConfig, run_dir: Path, segments: StageResult) -> 
     """The base model the run starts from."""
     upstream = [segments] if cfg.model.base == "tiny" else []
     key = stage_key("prepare_model", cfg.section_hash("model"), upstream, extra=cfg.run.seed)
-    return run_stage("prepare_model", run_dir / "prepare_model", key,
-                     lambda out: run_prepare_model(cfg, segments.path("segments"), out))
+    return run_stage(
+        "prepare_model",
+        run_dir / "prepare_model",
+        key,
+        lambda out: run_prepare_model(cfg, segments.path("segments"), out),
+    )

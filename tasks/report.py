@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 from prefect import task
@@ -43,8 +42,8 @@ def results_section(results: list[dict]) -> str:
                     else:
                         cell.append(f"{score:.2f}")
                 cells.append(" / ".join(cell))
-            for direction, label in ((lambda lp: lp.endswith("-en"), "xx→en"), (lambda lp: lp.startswith("en-"), "en→xx")):
-                chosen = [lp for lp in lps if direction(lp)]
+            for side in ("-en", "en-"):  # the paper's two averages: xx->en, then en->xx
+                chosen = [lp for lp in lps if (lp.endswith(side) if side == "-en" else lp.startswith(side))]
                 vals = [by.get((test_set, lp, system, m)) for lp in chosen for m in ("bleu", "chrf")]
                 if chosen and None not in vals:
                     bleu = sum(by[(test_set, lp, system, "bleu")] for lp in chosen) / len(chosen)
@@ -53,7 +52,10 @@ def results_section(results: list[dict]) -> str:
                 else:
                     cells.append("–")
             rows.append(cells)
-        n = {lp: next(r["n_segments"] for r in results if r["test_set"] == test_set and r["lp"] == lp) for lp in lps}
+        n = {
+            lp: next(r["n_segments"] for r in results if r["test_set"] == test_set and r["lp"] == lp)
+            for lp in lps
+        }
         header = ["system", *[f"{lp} (n={n[lp]})" for lp in lps], "avg xx→en", "avg en→xx"]
         out.append(f"### {test_set}: BLEU / chrF (gain over baseline)\n\n{_table(header, rows)}")
     signatures = sorted({r["signature"] for r in results})
@@ -65,23 +67,35 @@ def preference_section(stats: dict) -> str:
     systems = sorted({s for e in stats["by_lp"].values() for s in e["chosen"] | e["rejected"]})
     rows = []
     for lp, e in stats["by_lp"].items():
-        rows.append([lp, str(e["pairs"])] + [f"{100 * e['chosen'].get(s, 0) / e['pairs']:.1f}% / "
-                                              f"{100 * e['rejected'].get(s, 0) / e['pairs']:.1f}%" for s in systems])
+        rows.append(
+            [lp, str(e["pairs"])]
+            + [
+                f"{100 * e['chosen'].get(s, 0) / e['pairs']:.1f}% / "
+                f"{100 * e['rejected'].get(s, 0) / e['pairs']:.1f}%"
+                for s in systems
+            ]
+        )
     dropped = ", ".join(f"{k}: {v}" for k, v in sorted(stats["dropped"].items())) or "none"
-    return (f"{stats['pairs']} pairs; dropped sources by reason: {dropped}.\n\n"
-            "Share of chosen / rejected translations by system:\n\n"
-            + _table(["direction", "pairs", *systems], rows))
+    return (
+        f"{stats['pairs']} pairs; dropped sources by reason: {dropped}.\n\n"
+        "Share of chosen / rejected translations by system:\n\n"
+        + _table(["direction", "pairs", *systems], rows)
+    )
 
 
 def training_section(metrics_path: Path, summary: dict, curves: str | None) -> str:
     records = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
     last = records[-1] if records else {}
-    text = (f"{summary['steps']} optimizer steps on {summary['pairs_used']} pairs "
-            f"({summary['trainable_parameters']:,} trainable parameters, {summary['device']}); "
-            f"skipped by length: {summary['skipped']}.")
+    text = (
+        f"{summary['steps']} optimizer steps on {summary['pairs_used']} pairs "
+        f"({summary['trainable_parameters']:,} trainable parameters, {summary['device']}); "
+        f"skipped by length: {summary['skipped']}."
+    )
     if last:
-        text += (f" Last logged step: loss {last['loss']:.4f}, NLL {last['nll_loss']:.4f}, "
-                 f"reward margin {last['rewards/margins']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}.")
+        text += (
+            f" Last logged step: loss {last['loss']:.4f}, NLL {last['nll_loss']:.4f}, "
+            f"reward margin {last['rewards/margins']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}."
+        )
     if curves:
         text += f"\n\n![training curves]({curves})"
     return text
@@ -97,18 +111,21 @@ def render_report(cfg: RunConfig, run_dir: Path, stages: list[StageResult]) -> s
     curves_rel = str(Path(curves).relative_to(run_dir)) if curves else None
     counts = by_name["evaluate"].counts
     too_long = {k: v for k, v in counts.items() if k.endswith("prompt_too_long") and v}
-    timing = _table(["stage", "cached", "seconds"], [[s.stage, str(s.cached).lower(), f"{s.seconds:.1f}"]
-                                                     for s in stages])
+    timing = _table(
+        ["stage", "cached", "seconds"], [[s.stage, str(s.cached).lower(), f"{s.seconds:.1f}"] for s in stages]
+    )
     parts = [
         f"# alma-r report: {cfg.run.name}",
-        f"Base model `{cfg.model.base}`" + (f" + adapter `{cfg.model.adapter}`" if cfg.model.adapter else "")
+        f"Base model `{cfg.model.base}`"
+        + (f" + adapter `{cfg.model.adapter}`" if cfg.model.adapter else "")
         + f"; CPO loss `{cfg.train.loss_type}`, beta {cfg.train.beta}, NLL weight {cfg.train.cpo_alpha}, "
         f"LoRA r={cfg.train.lora.r} on {cfg.train.lora.target_modules}. Evaluation: beam {cfg.evaluate.num_beams}. "
         "`baseline` is the model before CPO, `cpo` the same model with the trained adapter.",
         "## Results",
         results_section(results),
         ("Prompts over the length limit (empty hypothesis, counted, never cut): " + json.dumps(too_long))
-        if too_long else "No test prompt exceeded the length limit.",
+        if too_long
+        else "No test prompt exceeded the length limit.",
         "## Preference data",
         preference_section(stats),
         "## Training",
@@ -135,8 +152,11 @@ def report_task(cfg: RunConfig, run_dir: Path, stages: list[StageResult]) -> Sta
     try:
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(markdown=text, key=f"alma-r-report-{cfg.run.name}".lower().replace("_", "-"),
-                                 description="build-alma-r report")
+        create_markdown_artifact(
+            markdown=text,
+            key=f"alma-r-report-{cfg.run.name}".lower().replace("_", "-"),
+            description="build-alma-r report",
+        )
     except Exception as err:  # the report on disk is what matters; the UI copy is a convenience
         print(f"[report] could not publish the Prefect artifact: {err}")
     return result

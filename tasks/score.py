@@ -16,7 +16,9 @@ from alma_r.tasks.stage import StageResult, run_stage, stage_key
 REFERENCE = "reference"
 
 
-def run_score(cfg: RunConfig, segments_path: Path, candidate_paths: list[Path], out_dir: Path) -> tuple[dict, dict]:
+def run_score(
+    cfg: RunConfig, segments_path: Path, candidate_paths: list[Path], out_dir: Path
+) -> tuple[dict, dict]:
     segments = {r["id"]: r for r in read_rows(segments_path, SEGMENTS)}
     candidates = [row for p in candidate_paths for row in read_rows(p, CANDIDATES)]
     # The reference competes as a system of its own (ALMA-R's triplets: reference, GPT-4, ALMA).
@@ -29,10 +31,23 @@ def run_score(cfg: RunConfig, segments_path: Path, candidate_paths: list[Path], 
         rows = []
         for lp in sorted({seg["lp"] for seg, _, _ in items}):
             group = [(seg, system, text) for seg, system, text in items if seg["lp"] == lp]
-            scores, signature = sentence_scores(metric, [t for _, _, t in group], [s["ref"] for s, _, _ in group],
-                                                tgt_lang=group[0][0]["tgt_lang"])
-            rows += [{"segment_id": seg["id"], "lp": lp, "system": system, "metric": metric, "model_id": signature,
-                      "score": score} for (seg, system, _), score in zip(group, scores, strict=True)]
+            scores, signature = sentence_scores(
+                metric,
+                [t for _, _, t in group],
+                [s["ref"] for s, _, _ in group],
+                tgt_lang=group[0][0]["tgt_lang"],
+            )
+            rows += [
+                {
+                    "segment_id": seg["id"],
+                    "lp": lp,
+                    "system": system,
+                    "metric": metric,
+                    "model_id": signature,
+                    "score": score,
+                }
+                for (seg, system, _), score in zip(group, scores, strict=True)
+            ]
         outputs[f"scores/{metric}"] = write_table(rows, out_dir / "scores" / f"{metric}.parquet", SCORES)
         counts[f"{metric}/scored"] = len(rows)
     return outputs, counts
@@ -43,5 +58,6 @@ def score_task(cfg: RunConfig, run_dir: Path, segments: StageResult, candidates:
     """Score the reference and every candidate."""
     key = stage_key("score", cfg.section_hash("score"), [segments, candidates])
     paths = [Path(v) for k, v in sorted(candidates.outputs.items()) if k.startswith("candidates/")]
-    return run_stage("score", run_dir / "score", key,
-                     lambda out: run_score(cfg, segments.path("segments"), paths, out))
+    return run_stage(
+        "score", run_dir / "score", key, lambda out: run_score(cfg, segments.path("segments"), paths, out)
+    )

@@ -22,8 +22,14 @@ from alma_r.tasks.stage import StageResult, run_stage, stage_key
 REFERENCE = "reference"
 
 
-def select_pairs(segments: list[dict], texts: dict[tuple[str, str], str], scores: dict[tuple[str, str, str], float],
-                 systems: list[str], metrics: list[str], min_margin: float = 0.0) -> tuple[list[dict], list[dict]]:
+def select_pairs(
+    segments: list[dict],
+    texts: dict[tuple[str, str], str],
+    scores: dict[tuple[str, str, str], float],
+    systems: list[str],
+    metrics: list[str],
+    min_margin: float = 0.0,
+) -> tuple[list[dict], list[dict]]:
     """The selection rule, pure.
 
     texts: (segment_id, system) -> translation (the reference under system 'reference');
@@ -37,12 +43,24 @@ def select_pairs(segments: list[dict], texts: dict[tuple[str, str], str], scores
         scored = [s for s in present if all((sid, s, m) in scores for m in metrics)]
         if len(scored) < len(present):
             missing = sorted(set(present) - set(scored))
-            dropped.append({"segment_id": sid, "lp": seg["lp"], "reason": "missing_score",
-                            "detail": f"no score for {missing}"})
+            dropped.append(
+                {
+                    "segment_id": sid,
+                    "lp": seg["lp"],
+                    "reason": "missing_score",
+                    "detail": f"no score for {missing}",
+                }
+            )
             continue
         if len(scored) < 2:
-            dropped.append({"segment_id": sid, "lp": seg["lp"], "reason": "too_few_candidates",
-                            "detail": f"candidates: {scored}"})
+            dropped.append(
+                {
+                    "segment_id": sid,
+                    "lp": seg["lp"],
+                    "reason": "too_few_candidates",
+                    "detail": f"candidates: {scored}",
+                }
+            )
             continue
         mean = {s: sum(scores[(sid, s, m)] for m in metrics) / len(metrics) for s in scored}
         # max()/min() return the first of equal elements, and `scored` is in tie-break order.
@@ -50,25 +68,39 @@ def select_pairs(segments: list[dict], texts: dict[tuple[str, str], str], scores
         rejected = min(scored, key=lambda s: mean[s])
         margin = mean[chosen] - mean[rejected]
         if texts[(sid, chosen)].strip() == texts[(sid, rejected)].strip():
-            dropped.append({"segment_id": sid, "lp": seg["lp"], "reason": "chosen_equals_rejected",
-                            "detail": f"{chosen} vs {rejected}"})
+            dropped.append(
+                {
+                    "segment_id": sid,
+                    "lp": seg["lp"],
+                    "reason": "chosen_equals_rejected",
+                    "detail": f"{chosen} vs {rejected}",
+                }
+            )
             continue
         if margin < min_margin:
-            dropped.append({"segment_id": sid, "lp": seg["lp"], "reason": "margin_below_threshold",
-                            "detail": f"{margin:.4f} < {min_margin}"})
+            dropped.append(
+                {
+                    "segment_id": sid,
+                    "lp": seg["lp"],
+                    "reason": "margin_below_threshold",
+                    "detail": f"{margin:.4f} < {min_margin}",
+                }
+            )
             continue
-        pairs.append({
-            "prompt": make_prompt(seg["src"], seg["src_lang"], seg["tgt_lang"]),
-            "chosen": texts[(sid, chosen)],
-            "rejected": texts[(sid, rejected)],
-            "segment_id": sid,
-            "lp": seg["lp"],
-            "chosen_system": chosen,
-            "rejected_system": rejected,
-            "chosen_score": mean[chosen],
-            "rejected_score": mean[rejected],
-            "margin": margin,
-        })
+        pairs.append(
+            {
+                "prompt": make_prompt(seg["src"], seg["src_lang"], seg["tgt_lang"]),
+                "chosen": texts[(sid, chosen)],
+                "rejected": texts[(sid, rejected)],
+                "segment_id": sid,
+                "lp": seg["lp"],
+                "chosen_system": chosen,
+                "rejected_system": rejected,
+                "chosen_score": mean[chosen],
+                "rejected_score": mean[rejected],
+                "margin": margin,
+            }
+        )
     return pairs, dropped
 
 
@@ -83,22 +115,30 @@ def selection_stats(pairs: list[dict], dropped: list[dict]) -> dict:
     return {
         "pairs": len(pairs),
         "dropped": dict(Counter(d["reason"] for d in dropped)),
-        "by_lp": {lp: {"pairs": e["pairs"], "chosen": dict(e["chosen"]), "rejected": dict(e["rejected"])}
-                  for lp, e in sorted(by_lp.items())},
+        "by_lp": {
+            lp: {"pairs": e["pairs"], "chosen": dict(e["chosen"]), "rejected": dict(e["rejected"])}
+            for lp, e in sorted(by_lp.items())
+        },
     }
 
 
-def run_select(cfg: RunConfig, segments_path: Path, candidate_paths: list[Path], score_paths: list[Path],
-               out_dir: Path) -> tuple[dict, dict]:
+def run_select(
+    cfg: RunConfig, segments_path: Path, candidate_paths: list[Path], score_paths: list[Path], out_dir: Path
+) -> tuple[dict, dict]:
     candidates = [row for p in candidate_paths for row in read_rows(p, CANDIDATES)]
     ids = {c["segment_id"] for c in candidates}
     segments = [r for r in read_rows(segments_path, SEGMENTS) if r["id"] in ids]
     texts = {(r["id"], REFERENCE): r["ref"] for r in segments}
     texts.update({(c["segment_id"], c["system"]): c["hypothesis"] for c in candidates})
-    scores = {(s["segment_id"], s["system"], s["metric"]): s["score"] for p in score_paths for s in read_rows(p, SCORES)}
+    scores = {
+        (s["segment_id"], s["system"], s["metric"]): s["score"]
+        for p in score_paths
+        for s in read_rows(p, SCORES)
+    }
     metrics = cfg.select.metrics or cfg.score.metrics
-    pairs, dropped = select_pairs(segments, texts, scores, [s.name for s in cfg.generate.systems], metrics,
-                                  cfg.select.min_margin)
+    pairs, dropped = select_pairs(
+        segments, texts, scores, [s.name for s in cfg.generate.systems], metrics, cfg.select.min_margin
+    )
     stats = selection_stats(pairs, dropped)
     outputs = {
         "pairs": write_table(pairs, out_dir / "pairs.parquet", PAIRS),
@@ -109,11 +149,16 @@ def run_select(cfg: RunConfig, segments_path: Path, candidate_paths: list[Path],
 
 
 @task(name="select", cache_policy=NO_CACHE)
-def select_task(cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult,
-                scores: StageResult) -> StageResult:
+def select_task(
+    cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult, scores: StageResult
+) -> StageResult:
     """Build (prompt, chosen, rejected) triplets from the scores."""
     key = stage_key("select", cfg.section_hash("select", "score"), [segments, candidates, scores])
     cand = [Path(v) for k, v in sorted(candidates.outputs.items()) if k.startswith("candidates/")]
     scored = [Path(v) for k, v in sorted(scores.outputs.items()) if k.startswith("scores/")]
-    return run_stage("select", run_dir / "select", key,
-                     lambda out: run_select(cfg, segments.path("segments"), cand, scored, out))
+    return run_stage(
+        "select",
+        run_dir / "select",
+        key,
+        lambda out: run_select(cfg, segments.path("segments"), cand, scored, out),
+    )

@@ -65,8 +65,13 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def stage_key(stage: str, config_hash: str, upstream: Iterable[StageResult] = (), files: Iterable[Path] = (),
-              extra: Any = None) -> str:
+def stage_key(
+    stage: str,
+    config_hash: str,
+    upstream: Iterable[StageResult] = (),
+    files: Iterable[Path] = (),
+    extra: Any = None,
+) -> str:
     payload = {
         "stage": stage,
         "config": config_hash,
@@ -95,8 +100,9 @@ def _reusable(out_dir: Path, key: str) -> dict | None:
     return done
 
 
-def run_stage(stage: str, out_dir: Path, key: str, compute: Callable[[Path], tuple[dict, dict]],
-              resumable: bool = False) -> StageResult:
+def run_stage(
+    stage: str, out_dir: Path, key: str, compute: Callable[[Path], tuple[dict, dict]], resumable: bool = False
+) -> StageResult:
     """Reuse the finished stage in `out_dir` if its key matches, else compute it.
 
     `compute(out_dir) -> (outputs, counts)`. A non-resumable stage starts from an empty folder and leaves none
@@ -105,8 +111,9 @@ def run_stage(stage: str, out_dir: Path, key: str, compute: Callable[[Path], tup
     out_dir = Path(out_dir)
     done = _reusable(out_dir, key)
     if done is not None:
-        return StageResult(stage, key, done["outputs"], done.get("counts", {}), cached=True,
-                           seconds=done.get("seconds", 0.0))
+        return StageResult(
+            stage, key, done["outputs"], done.get("counts", {}), cached=True, seconds=done.get("seconds", 0.0)
+        )
     started = None
     if resumable and (out_dir / IN_PROGRESS).is_file():
         try:
@@ -127,6 +134,8 @@ def run_stage(stage: str, out_dir: Path, key: str, compute: Callable[[Path], tup
         raise
     seconds = round(time.perf_counter() - t0, 2)
     outputs = {k: str(v) for k, v in outputs.items()}
-    write_json_atomic(out_dir / COMPLETE, {"key": key, "outputs": outputs, "counts": counts, "seconds": seconds})
+    write_json_atomic(
+        out_dir / COMPLETE, {"key": key, "outputs": outputs, "counts": counts, "seconds": seconds}
+    )
     (out_dir / IN_PROGRESS).unlink(missing_ok=True)
     return StageResult(stage, key, outputs, counts, cached=False, seconds=seconds)

@@ -10,38 +10,77 @@ from prefect.cache_policies import NO_CACHE
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import PAIRS
-from alma_r.models.cpo_trainer import CPORecipe, TrainSettings, plot_curves
+from alma_r.models.cpo_trainer import CPORecipe, TrainSettings, plot_curves, read_metrics
 from alma_r.tasks.stage import StageResult, run_stage, stage_key
 
 
 def train_settings(cfg: RunConfig, continues_adapter: bool) -> TrainSettings:
     t = cfg.train
-    fields = t.model_dump(exclude={"lora"})
-    # Continuing an adapter (ALMA-R continues ALMA-13B-Pretrain-LoRA) trains that adapter; else a new LoRA.
-    lora = None if continues_adapter else t.lora.model_dump()
-    return TrainSettings(**fields, lora=lora, seed=cfg.run.seed, dtype=cfg.model.dtype,
-                         trust_remote_code=cfg.model.trust_remote_code)
+    fields = t.model_dump(exclude={"lora", "finetune", "simpo_gamma_beta_ratio"})
+    # Continuing an adapter (ALMA-R continues ALMA-13B-Pretrain-LoRA) trains that adapter; else a new LoRA,
+    # or every weight with finetune: full.
+    lora = None if continues_adapter or t.finetune == "full" else t.lora.model_dump()
+    return TrainSettings(
+        **fields,
+        lora=lora,
+        seed=cfg.run.seed,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
 
 
-def run_train(cfg: RunConfig, pairs_path: Path, model_path: str, adapter: str | None,
-              out_dir: Path) -> tuple[dict, dict]:
+def run_train(
+    cfg: RunConfig, pairs_path: Path, model_path: str, adapter: str | None, out_dir: Path
+) -> tuple[dict, dict]:
     pairs = read_rows(pairs_path, PAIRS)
     settings = train_settings(cfg, continues_adapter=adapter is not None)
     recipe = CPORecipe(settings, model_path, pairs, out_dir, adapter=adapter).setup().train()
-    adapter_dir = recipe.save(out_dir / "adapter")
+    # A LoRA run yields an adapter for the policy's base model; a full fine-tune yields a whole model.
+    kind = "adapter" if recipe.is_peft else "model"
+    outputs = {
+        kind: recipe.save(out_dir / kind),
+        "metrics": out_dir / "metrics.jsonl",
+        "summary": out_dir / "train_summary.json",
+    }
+    if (out_dir / "merged").is_dir():
+        outputs["merged"] = out_dir / "merged"
     curves = plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", f"CPO ({settings.loss_type})")
-    summary = recipe.summary()
-    outputs = {"adapter": adapter_dir, "metrics": out_dir / "metrics.jsonl", "summary": out_dir / "train_summary.json"}
     if curves:
         outputs["curves"] = curves
-    return outputs, {"pairs_used": summary["pairs_used"], "steps": summary["steps"],
-                     "resumed_from": summary["resumed_from"],
-                     **{f"skipped_{k}": v for k, v in summary["skipped"].items()}}
+    summary = recipe.summary()
+    return outputs, {
+        "pairs_used": summary["pairs_used"],
+        "steps": summary["steps"],
+        "resumed_from": summary["resumed_from"],
+        **{f"skipped_{k}": v for k, v in summary["skipped"].items()},
+    }
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(cfg: RunConfig, run_dir: Path, pairs: StageResult, policy: StageResult) -> StageResult:
     """CPO-train the policy on the selected pairs (resumes from the last checkpoint)."""
     key = stage_key("train", cfg.section_hash("train", "model"), [pairs, policy], extra=cfg.run.seed)
-    return run_stage("train", run_dir / "train", key, lambda out: run_train(
-        cfg, pairs.path("pairs"), policy.outputs["model"], policy.outputs.get("adapter"), out), resumable=True)
+    result = run_stage(
+        "train",
+        run_dir / "train",
+        key,
+        lambda out: run_train(
+            cfg, pairs.path("pairs"), policy.outputs["model"], policy.outputs.get("adapter"), out
+        ),
+        resumable=True,
+    )
+    publish_metrics(result)
+    return result
+
+
+def publish_metrics(result: StageResult) -> None:
+    """The per-step metrics as a Prefect table artifact, so that the UI shows the training run."""
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        rows = read_metrics(result.path("metrics"))
+        create_table_artifact(
+            table=rows, key="alma-r-train-metrics", description="CPO training metrics per step"
+        )
+    except Exception as err:  # the metrics file on disk is what matters; the UI copy is a convenience
+        print(f"[train] could not publish the metrics artifact: {err}")

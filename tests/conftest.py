@@ -44,6 +44,14 @@ def tiny_model_dir(tmp_path_factory, sample_texts) -> Path:
     """A randomly initialised tiny LLaMA + BPE tokenizer trained on 600 real sentences (built once)."""
     from alma_r.models.tiny import build_tiny_model
 
-    return build_tiny_model(sample_texts, tmp_path_factory.mktemp("tiny") / "model", vocab_size=512,
-                            hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
-                            max_position_embeddings=512, seed=0)
+    return build_tiny_model(
+        sample_texts,
+        tmp_path_factory.mktemp("tiny") / "model",
+        vocab_size=512,
+        hidden_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        seed=0,
+    )

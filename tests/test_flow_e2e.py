@@ -12,12 +12,20 @@ import yaml
 from tests.conftest import REPO
 
 MINI = [
-    "sft.max_steps=8", "sft.batch_size=8",
-    "generate.max_sources_per_lp=6", "generate.systems=[{name: greedy, max_new_tokens: 12},"
+    "sft.max_steps=8",
+    "sft.batch_size=8",
+    "generate.max_sources_per_lp=6",
+    "generate.systems=[{name: greedy, max_new_tokens: 12},"
     " {name: sample, do_sample: true, max_new_tokens: 12}]",
-    "train.max_steps=3", "train.batch_size=2", "train.save_steps=2", "train.logging_steps=1",
-    "evaluate.num_beams=2", "evaluate.max_new_tokens=12",
-    "model.tiny.vocab_size=400", "model.tiny.num_hidden_layers=1", "model.tiny.intermediate_size=128",
+    "train.max_steps=3",
+    "train.batch_size=2",
+    "train.save_steps=2",
+    "train.logging_steps=1",
+    "evaluate.num_beams=2",
+    "evaluate.max_new_tokens=12",
+    "model.tiny.vocab_size=400",
+    "model.tiny.num_hidden_layers=1",
+    "model.tiny.intermediate_size=128",
 ]
 
 

@@ -12,21 +12,36 @@ from safetensors.torch import load_file
 from alma_r.models.cpo_trainer import CPORecipe, TrainSettings
 
 PAIRS = [
-    {"prompt": f"Translate this from German to English:\nGerman: Satz {i}\nEnglish:",
-     "chosen": f"Sentence number {i}", "rejected": f"Wrong {i} sentence here"}
+    {
+        "prompt": f"Translate this from German to English:\nGerman: Satz {i}\nEnglish:",
+        "chosen": f"Sentence number {i}",
+        "rejected": f"Wrong {i} sentence here",
+    }
     for i in range(12)
 ]
 
 
 def settings(**kw) -> TrainSettings:
-    base = TrainSettings(learning_rate=5e-3, lr_scheduler="linear", warmup_ratio=0.0, max_steps=4, batch_size=2,
-                         save_steps=2, logging_steps=1, max_prompt_length=64, max_length=128, seed=7,
-                         lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["down_proj", "q_proj"]})
+    base = TrainSettings(
+        learning_rate=5e-3,
+        lr_scheduler="linear",
+        warmup_ratio=0.0,
+        max_steps=4,
+        batch_size=2,
+        save_steps=2,
+        logging_steps=1,
+        max_prompt_length=64,
+        max_length=128,
+        seed=7,
+        lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["down_proj", "q_proj"]},
+    )
     return replace(base, **kw)
 
 
 def losses(out_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 class Crash(RuntimeError):
@@ -38,14 +53,14 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tiny_model_dir, t
     straight.save(tmp_path / "straight" / "adapter")
 
     crashing = CPORecipe(settings(), str(tiny_model_dir), PAIRS, tmp_path / "resumed").setup()
-    real_forward = crashing._forward
+    real_loss = crashing._loss
 
-    def forward_then_crash(examples):
+    def loss_then_crash(*args, **kwargs):
         if crashing.step == 3:  # dies inside step 4, after the step-2 checkpoint and step 3's log line
             raise Crash("node died")
-        return real_forward(examples)
+        return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(crashing, "_forward", forward_then_crash)
+    monkeypatch.setattr(crashing, "_loss", loss_then_crash)
     with pytest.raises(Crash):
         crashing.train()
 
@@ -73,13 +88,30 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_model_dir, tmp_path):
 
 
 def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, tmp_path):
-    # The preference term is a mean over pairs: 1 micro-batch of 4 == 2 micro-batches of 2 (no dropout, no NLL).
-    common = dict(max_steps=1, cpo_alpha=0.0, lora={"r": 4, "alpha": 8, "dropout": 0.0,
-                                                     "target_modules": ["down_proj"]})
-    one = CPORecipe(settings(batch_size=4, gradient_accumulation_steps=1, **common), str(tiny_model_dir), PAIRS,
-                    tmp_path / "one").setup().train()
-    two = CPORecipe(settings(batch_size=2, gradient_accumulation_steps=2, **common), str(tiny_model_dir), PAIRS,
-                    tmp_path / "two").setup().train()
+    # The loss is normalised by the whole step's pairs and tokens: 1 micro-batch of 4 == 2 micro-batches of 2.
+    common = dict(
+        max_steps=1, cpo_alpha=1.0, lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["down_proj"]}
+    )
+    one = (
+        CPORecipe(
+            settings(batch_size=4, gradient_accumulation_steps=1, **common),
+            str(tiny_model_dir),
+            PAIRS,
+            tmp_path / "one",
+        )
+        .setup()
+        .train()
+    )
+    two = (
+        CPORecipe(
+            settings(batch_size=2, gradient_accumulation_steps=2, **common),
+            str(tiny_model_dir),
+            PAIRS,
+            tmp_path / "two",
+        )
+        .setup()
+        .train()
+    )
     assert losses(tmp_path / "one")[1] == pytest.approx(losses(tmp_path / "two")[1], rel=1e-5)
     for (name, p1), (_, p2) in zip(one.model.named_parameters(), two.model.named_parameters(), strict=True):
         if p1.requires_grad:
@@ -87,8 +119,12 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, tmp_path
 
 
 def test_training_moves_the_margin_towards_chosen(tiny_model_dir, tmp_path):
-    recipe = CPORecipe(settings(max_steps=30, learning_rate=2e-2, save_steps=100, logging_steps=30),
-                       str(tiny_model_dir), PAIRS, tmp_path).setup()
+    recipe = CPORecipe(
+        settings(max_steps=30, learning_rate=2e-2, save_steps=100, logging_steps=30),
+        str(tiny_model_dir),
+        PAIRS,
+        tmp_path,
+    ).setup()
     first = recipe._forward(recipe.examples[:8])
     recipe.train()
     recipe.model.eval()

@@ -1,0 +1,319 @@
+"""The run configuration (alma_r/config.py) and `alma-r check-config`: typos and bad values fail loudly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alma_r.cli import main
+from alma_r.config import SAMPLE_DIR, ConfigError, config_base_dir, load_config, resolve_path
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def assert_matches_yaml(raw, dumped, where="") -> None:
+    """Every value written in the YAML file is the value the loaded config holds."""
+    if isinstance(raw, dict):
+        assert isinstance(dumped, dict), where
+        for key, value in raw.items():
+            assert key in dumped, f"{where}.{key}"
+            assert_matches_yaml(value, dumped[key], f"{where}.{key}")
+    elif isinstance(raw, list):
+        assert isinstance(dumped, list) and len(dumped) == len(raw), where
+        for i, (a, b) in enumerate(zip(raw, dumped, strict=True)):
+            assert_matches_yaml(a, b, f"{where}.{i}")
+    else:
+        assert dumped == raw, f"{where}: {dumped!r} != {raw!r}"
+
+
+def config_error(*args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(*args, **kwargs)
+    return str(exc.value)
+
+
+# --------------------------------------------------------------------------------------- shipped configs
+
+
+def test_both_shipped_configs_are_found():
+    assert {p.name for p in CONFIGS} >= {"tiny.yaml", "alma-13b-r.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads_with_its_values(path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert_matches_yaml(raw, cfg.model_dump(mode="json"))
+    assert config_base_dir(cfg) == path.resolve().parent
+
+
+def test_tiny_config_details():
+    cfg = load_config(TINY)
+    assert cfg.model.base == "tiny"
+    assert cfg.model.tiny.hidden_size // cfg.model.tiny.num_attention_heads == 64
+    assert [s.name for s in cfg.generate.systems] == ["greedy", "sample"]
+    assert cfg.train.max_prompt_length < cfg.train.max_length
+    # every bundled sample file it names exists
+    for source in cfg.ingest.sources:
+        for value in source.files.values():
+            assert value.startswith("sample:")
+            path = resolve_path(value, config_base_dir(cfg))
+            assert path == SAMPLE_DIR / value.removeprefix("sample:")
+            assert path.is_file(), path
+
+
+def test_alma_13b_r_follows_the_paper():
+    cfg = load_config(REPO / "configs" / "alma-13b-r.yaml")
+    assert cfg.train.beta == 0.1 and cfg.train.cpo_alpha == 1.0 and cfg.train.learning_rate == 1e-4
+    assert cfg.train.batch_size * cfg.train.gradient_accumulation_steps == 128
+    lps = {lp for s in cfg.ingest.sources if s.split == "train" for lp in s.directions}
+    assert lps == {f"{x}-en" for x in ("cs", "de", "is", "ru", "zh")} | {
+        f"en-{x}" for x in ("cs", "de", "is", "ru", "zh")
+    }
+
+
+def test_defaults_without_a_file():
+    cfg = load_config()
+    assert cfg.train.beta == 0.1 and cfg.model.base == "tiny"
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    ghost = tmp_path / "nope.yaml"
+    assert str(ghost) in config_error(ghost)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [beta: 0.1\n")
+    msg = config_error(bad)
+    assert str(bad) in msg and "YAML" in msg
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- train\n- beta\n")
+    assert str(listed) in config_error(listed)
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    sub = tmp_path / "cfgs"
+    sub.mkdir()
+    path = sub / "c.yaml"
+    path.write_text("run: {name: x}\n")
+    cfg = load_config(path)
+    assert resolve_path("data/a.json", config_base_dir(cfg)) == sub / "data" / "a.json"
+    assert resolve_path("../b.json", config_base_dir(cfg)) == tmp_path / "b.json"
+    assert resolve_path("/abs/c.json", config_base_dir(cfg)) == Path("/abs/c.json")
+
+
+# ------------------------------------------------------------------------------------------ unknown keys
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trian:\n  beta: 0.2\n")
+    msg = config_error(path)
+    assert msg.startswith(f"{path}: ")
+    assert "unknown key 'trian'" in msg and "did you mean 'train'" in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "full_key", "nearest"),
+    [
+        ("train.bta=1", "train.bta", "beta"),
+        ("train.lora.rr=4", "train.lora.rr", "r"),
+        ("model.tiny.hidden_sise=128", "model.tiny.hidden_sise", "hidden_size"),
+        ("evaluate.num_beam=2", "evaluate.num_beam", "num_beams"),
+        ("bogus=1", "bogus", None),
+    ],
+)
+def test_misspelt_key_names_the_full_key_and_the_nearest(override, full_key, nearest):
+    msg = config_error(TINY, [override])
+    assert msg.startswith(f"{TINY}: ")
+    assert f"unknown key '{full_key}'" in msg
+    if nearest is not None:
+        assert f"did you mean '{nearest}'" in msg
+
+
+def test_misspelt_key_inside_a_list_of_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "ingest": {
+                    "sources": [
+                        {
+                            "name": "x",
+                            "kind": "alma_json",
+                            "pair": "de-en",
+                            "pth": "a.json",
+                            "directions": ["de-en"],
+                        }
+                    ]
+                }
+            }
+        )
+    )
+    msg = config_error(path)
+    assert "unknown key 'ingest.sources.0.pth'" in msg and "did you mean 'path'" in msg
+
+
+# ---------------------------------------------------------------------------------------------- --set
+
+
+def test_set_overrides_apply():
+    cfg = load_config(
+        TINY,
+        [
+            "train.beta=0.2",
+            "score.metrics=[chrf, bleu]",
+            "train.lora.target_modules=[q_proj, v_proj]",
+            "model.tiny.hidden_size=256",
+            "model.tiny.num_attention_heads=4",
+            "sft.enabled=false",
+            "run.name=a=b",
+            "generate.systems=[{name: beam, num_beams: 4}]",
+        ],
+    )
+    assert cfg.train.beta == 0.2
+    assert cfg.score.metrics == ["chrf", "bleu"]
+    assert cfg.train.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.lora.r == 16  # the rest of the nested section is untouched
+    assert (cfg.model.tiny.hidden_size, cfg.model.tiny.num_attention_heads) == (256, 4)
+    assert cfg.model.tiny.vocab_size == 2048  # from the file
+    assert cfg.sft.enabled is False
+    assert cfg.run.name == "a=b"
+    assert [(s.name, s.num_beams) for s in cfg.generate.systems] == [("beam", 4)]
+    # the file's other values survive
+    assert cfg.train.max_length == 256 and cfg.train.learning_rate == 1e-3
+
+
+def test_set_a_whole_section_and_a_key_absent_from_the_file():
+    cfg = load_config(TINY, ["train.lora={r: 8, alpha: 16}", "select.metrics=[chrf]"])
+    assert (cfg.train.lora.r, cfg.train.lora.alpha, cfg.train.lora.target_modules) == (8, 16, ["down_proj"])
+    assert cfg.select.metrics == ["chrf"]
+
+
+def test_set_changes_only_its_sections_hash():
+    a, b = load_config(TINY), load_config(TINY, ["train.beta=0.2"])
+    assert a.section_hash("train") != b.section_hash("train")
+    assert a.section_hash("ingest", "generate") == b.section_hash("ingest", "generate")
+
+
+@pytest.mark.parametrize("item", ["train.beta", "train.beta:0.2"])
+def test_malformed_set(item):
+    msg = config_error(TINY, [item])
+    assert item in msg
+
+
+def test_set_through_a_scalar_is_refused():
+    msg = config_error(TINY, ["train.beta.x=1"])
+    assert "train.beta.x" in msg and "'beta'" in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "shown"),
+    [
+        ("train.beta=-1", "train.beta", "-1"),
+        ("train.beta=abc", "train.beta", "'abc'"),
+        ("train.lora.r=0", "train.lora.r", "0"),
+        ("train.loss_type=kto", "train.loss_type", "'kto'"),
+        ("score.metrics=[chrf, comet]", "score.metrics.1", "'comet'"),
+        ("model.dtype=fp8", "model.dtype", "'fp8'"),
+    ],
+)
+def test_bad_value_names_key_and_value(override, key, shown):
+    msg = config_error(TINY, [override])
+    assert msg.startswith(f"{TINY}: ")
+    assert f"'{key}'" in msg
+    assert f"(got {shown})" in msg
+
+
+# ------------------------------------------------------------------------------------ cross-field checks
+
+
+def test_prompt_length_must_be_below_max_length():
+    msg = config_error(TINY, ["train.max_prompt_length=512", "train.max_length=512"])
+    assert "max_prompt_length (512)" in msg and "max_length (512)" in msg
+    msg = config_error(TINY, ["train.max_prompt_length=300"])  # file: max_length 256
+    assert "max_prompt_length (300)" in msg and "max_length (256)" in msg
+    assert load_config(TINY, ["train.max_prompt_length=255"]).train.max_prompt_length == 255
+
+
+@pytest.mark.parametrize("names", [["a", "a"], ["greedy", "beam", "greedy"], ["reference"]])
+def test_system_names_must_be_unique_and_not_reference(names):
+    systems = "[" + ", ".join(f"{{name: {n}}}" for n in names) + "]"
+    msg = config_error(TINY, [f"generate.systems={systems}"])
+    assert "generate.systems" in msg and str(names) in msg
+
+
+@pytest.mark.parametrize(("hidden", "heads"), [(96, 2), (128, 4), (130, 2), (64, 2)])
+def test_tiny_head_dim_must_be_64(hidden, heads):
+    msg = config_error(TINY, [f"model.tiny.hidden_size={hidden}", f"model.tiny.num_attention_heads={heads}"])
+    assert "head_dim" in msg and "model.tiny" in msg
+    assert f"hidden_size={hidden}" in msg and f"num_attention_heads={heads}" in msg
+
+
+def test_selection_metrics_must_be_scored():
+    msg = config_error(TINY, ["select.metrics=[bleu]"])
+    assert "['bleu']" in msg and "['chrf']" in msg
+
+
+def test_source_needs_its_kind_fields_and_known_languages(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "ingest": {
+                    "sources": [{"name": "x", "kind": "alma_json", "pair": "de-en", "directions": ["de-en"]}]
+                }
+            }
+        )
+    )
+    msg = config_error(path)
+    assert "ingest.sources.0" in msg and "'path'" in msg
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "ingest": {
+                    "sources": [
+                        {
+                            "name": "x",
+                            "kind": "alma_json",
+                            "pair": "de-xx",
+                            "path": "a.json",
+                            "directions": ["de-xx"],
+                        }
+                    ]
+                }
+            }
+        )
+    )
+    msg = config_error(path)
+    assert "ingest.sources.0.pair" in msg and "'xx'" in msg
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_check_config_typo_exits_2_with_the_message_on_stderr(capsys):
+    code = main(["check-config", "--config", str(TINY), "--set", "train.bta=1"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert "unknown key 'train.bta'" in err and "did you mean 'beta'" in err and str(TINY) in err
+
+
+def test_cli_check_config_prints_the_resolved_config(capsys):
+    code = main(["check-config", "--config", str(TINY), "--set", "train.beta=0.2"])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == ""
+    resolved = json.loads(out)
+    assert resolved["train"]["beta"] == 0.2
+    assert resolved["model"]["tiny"]["hidden_size"] == 128
+
+
+def test_cli_without_config_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["check-config"])
+    assert exc.value.code == 2
+    assert "--config" in capsys.readouterr().err

@@ -335,7 +335,9 @@ class CPORecipe:
     def _setup_distributed(self):
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # Mixed precision is ours to apply (bf16 autocast around the decoder, float32 log-softmax): accelerate's
+        # would also come from an environment variable or a config file the user forgot about.
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index

@@ -1,4 +1,4 @@
-"""`alma-r`: run the build-alma-r flow, or check a config, from the command line."""
+"""`alma-r`: run the build-alma-r flow, check a config, or train once outside the flow."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 
 from alma_r.config import ConfigError, load_config
+from alma_r.train_cli import add_train_parser, run_train_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set train.beta=0.2 (repeatable)",
         )
+    add_train_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return run_train_cli(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -129,7 +129,9 @@ def build_pairs(args, model_path: Path) -> list[dict]:
             pairs.append(pair)
         else:
             dropped += 1
-    log(f"{len(pairs)} pairs ({', '.join(f'{s}-{t}' for s, t in DIRECTIONS)}); {dropped} dropped by the limits")
+    log(
+        f"{len(pairs)} pairs ({', '.join(f'{s}-{t}' for s, t in DIRECTIONS)}); {dropped} dropped by the limits"
+    )
     return pairs
 
 
@@ -153,6 +155,13 @@ def proc_status_kb(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent busy by the whole machine since boot (all processes, all cores), from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def reset_peak_rss() -> bool:
@@ -233,7 +242,10 @@ def run_trl(args, model_path: Path, pairs: list[dict], order: list[list[int]], w
 
     laid_out = [pairs[i] for step in order for i in step]
     ds = Dataset.from_list(
-        [{"prompt": p["prompt"], "chosen": " " + p["chosen"], "rejected": " " + p["rejected"]} for p in laid_out]
+        [
+            {"prompt": p["prompt"], "chosen": " " + p["chosen"], "rejected": " " + p["rejected"]}
+            for p in laid_out
+        ]
     )
     bf16 = args.dtype == "bfloat16"
     config = CPOConfig(
@@ -264,26 +276,36 @@ def run_trl(args, model_path: Path, pairs: list[dict], order: list[list[int]], w
             if row[f"{side}_input_ids"] != mine:
                 raise SystemExit(f"pair {k} ({side}): TRL's token ids differ from ours")
     result = measure(args, trainer.model, trainer.train, ends)
-    result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    result["losses"] = [
+        h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h
+    ]
     result["device"] = str(trainer.args.device)
     return result
 
 
 def measure(args, model, train, ends: list[float]) -> dict:
+    import resource
+
     import torch
 
     cuda = args.device == "cuda"
-    lora_a = [p for n, p in model.named_parameters() if "lora_A" in n]
+    # LoRA A is random (B is zero): equal sums mean both engines start from the same adapter.
+    lora_a_checksum = float(
+        sum(p.detach().float().sum() for n, p in model.named_parameters() if "lora_A" in n)
+    )
     setup_peak_kb, rss_before_kb = proc_status_kb("VmHWM"), proc_status_kb("VmRSS")
     reset = reset_peak_rss()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    cpu0, busy0 = resource.getrusage(resource.RUSAGE_SELF), machine_busy_seconds()
     t0 = time.perf_counter()
     train()
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    cpu1, busy1 = resource.getrusage(resource.RUSAGE_SELF), machine_busy_seconds()
+    own_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     train_peak_kb = proc_status_kb("VmHWM")
     steady = ends[-1] - ends[0] if len(ends) > 1 else float("nan")
     return {
@@ -296,7 +318,11 @@ def measure(args, model, train, ends: list[float]) -> dict:
         "train_peak_rss_gb": train_peak_kb / 2**20 if reset else None,
         "rss_before_train_gb": rss_before_kb / 2**20,
         "peak_cuda_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "lora_a_checksum": float(sum(p.detach().float().sum() for p in lora_a)),
+        "lora_a_checksum": lora_a_checksum,
+        # CPU seconds per wall second in train(): about the thread count when nothing else competes for the cores
+        "cpu_utilisation": own_cpu / wall,
+        # CPU seconds per wall second that other processes took during train(): ~0 on a quiet machine
+        "other_cpu": max(0.0, (busy1 - busy0) - own_cpu) / wall,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "torch_threads": torch.get_num_threads(),
     }
@@ -353,8 +379,26 @@ def child(args) -> dict:
 
 
 def spawn(args, engine: str, out: Path, pairs_file: Path) -> dict:
-    cmd = [sys.executable, __file__, "--engine", engine, "--json-out", str(out), "--pairs-file", str(pairs_file)]
-    for flag in ("steps", "pairs", "batch_size", "device", "dtype", "model_size", "lora_targets", "peak_tflops"):
+    cmd = [
+        sys.executable,
+        __file__,
+        "--engine",
+        engine,
+        "--json-out",
+        str(out),
+        "--pairs-file",
+        str(pairs_file),
+    ]
+    for flag in (
+        "steps",
+        "pairs",
+        "batch_size",
+        "device",
+        "dtype",
+        "model_size",
+        "lora_targets",
+        "peak_tflops",
+    ):
         value = getattr(args, flag)
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
@@ -363,14 +407,17 @@ def spawn(args, engine: str, out: Path, pairs_file: Path) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", DISABLE_MLFLOW_INTEGRATION="TRUE")
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # our engine picks CUDA whenever it sees one
-    log(f"running {engine} in a fresh process")
+    log(f"running {engine} in a fresh process (1-min load average now {os.getloadavg()[0]:.2f})")
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True)
+    subprocess.run(cmd, env=env, check=True, stdout=sys.stderr)  # Trainer prints its logs on stdout
     log(f"{engine}: process finished in {time.perf_counter() - t0:.0f}s")
     return json.loads(out.read_text())
 
 
-def report(args, ours: dict, trl: dict, meta: dict, n_pairs: int) -> str:
+def report(args, ours_runs: list[dict], trl_runs: list[dict], meta: dict, n_pairs: int) -> str:
+    """The table shows each engine's fastest run (best of --repeats: the least disturbed by other work)."""
+    ours = max(ours_runs, key=lambda r: r["pairs_per_second"])
+    trl = max(trl_runs, key=lambda r: r["pairs_per_second"])
     size = SIZES[args.model_size]
     lines = [
         f"model: LLaMA {meta['params'] / 1e6:.1f}M parameters (hidden {size['hidden_size']}, "
@@ -378,7 +425,7 @@ def report(args, ours: dict, trl: dict, meta: dict, n_pairs: int) -> str:
         f"{size['intermediate_size']}, vocab {meta['vocab']}, untied); LoRA r=16 alpha=32 on "
         f"{args.lora_targets}: {ours['trainable']:,} trainable",
         f"data: {n_pairs} WMT'22 pairs (de-en, en-de), chosen = ALMA-13B-R, rejected = reference; "
-        f"{args.steps} steps x {args.batch_size} pairs; device {args.device}, {args.dtype}, "
+        f"{args.steps} steps x {args.batch_size} pairs, best of {args.repeats} run(s) per engine; device {args.device}, {args.dtype}, "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; torch threads "
         f"{ours['torch_threads']}",
         f"LoRA A init checksum: ours {ours['lora_a_checksum']:.6f}, TRL {trl['lora_a_checksum']:.6f} "
@@ -411,6 +458,12 @@ def report(args, ours: dict, trl: dict, meta: dict, n_pairs: int) -> str:
             else ""
         )
         + (f", peak CUDA x{ours['peak_cuda_gb'] / trl['peak_cuda_gb']:.2f}" if args.device == "cuda" else ""),
+        "runs (pairs/s; CPU s/s of the engine in train(); CPU s/s of other processes meanwhile): "
+        + "; ".join(
+            f"{name} {r['pairs_per_second']:.2f}, {r['cpu_utilisation']:.2f}, {r['other_cpu']:.2f}"
+            for name, rs in (("ours", ours_runs), ("TRL", trl_runs))
+            for r in rs
+        ),
         f"pairs/s including the first step: ours {ours['pairs_per_second_incl_first']:.2f}, "
         f"TRL {trl['pairs_per_second_incl_first']:.2f} (x{ours['pairs_per_second_incl_first'] / trl['pairs_per_second_incl_first']:.2f})",
         "",
@@ -434,8 +487,13 @@ def main():
     p.add_argument("--model-size", choices=tuple(SIZES), default="small")
     p.add_argument("--lora-targets", default="down_proj", help="comma-separated; ALMA-R's choice by default")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs per engine, alternating; the fastest is shown"
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak (dense, this dtype) for MFU")
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("ALMA_DATA", "/work/shared/data/alma")))
+    p.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("ALMA_DATA", "/work/shared/data/alma"))
+    )
     p.add_argument("--pairs-file", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -460,9 +518,16 @@ def main():
     with tempfile.TemporaryDirectory(prefix="cpo-bench-") as tmp:
         pairs_file = Path(tmp) / "pairs.json"
         pairs_file.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
-        ours = spawn(args, "ours", Path(tmp) / "ours.json", pairs_file)
-        trl = spawn(args, "trl", Path(tmp) / "trl.json", pairs_file)
-    print(report(args, ours, trl, meta, len(pairs)))
+        runs = {"ours": [], "trl": []}
+        for k in range(args.repeats):  # alternate, so that a slow spell on the machine hits both engines
+            for engine in runs:
+                runs[engine].append(spawn(args, engine, Path(tmp) / f"{engine}-{k}.json", pairs_file))
+    print(report(args, runs["ours"], runs["trl"], meta, len(pairs)))
+    busy = max(r["other_cpu"] for rs in runs.values() for r in rs)
+    if busy > 0.1 and args.device == "cpu":
+        print(
+            f"\nWARNING: other processes used up to {busy:.2f} CPU s/s during training: timings are disturbed."
+        )
     print(f"\n(total benchmark wall time {time.perf_counter() - t0:.0f}s)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -132,3 +133,53 @@ def test_training_moves_the_margin_towards_chosen(tiny_model_dir, tmp_path):
         last = recipe._forward(recipe.examples[:8])
     margin = lambda out: (out.chosen_rewards - out.rejected_rewards).mean().item()  # noqa: E731
     assert margin(last) > margin(first) + 0.1
+
+
+def test_gradient_checkpointing_and_bf16_autocast(tiny_model_dir, tmp_path):
+    plain = CPORecipe(settings(max_steps=1), str(tiny_model_dir), PAIRS, tmp_path / "a").setup()
+    checkpointed = CPORecipe(
+        settings(max_steps=1, gradient_checkpointing=True), str(tiny_model_dir), PAIRS, tmp_path / "b"
+    ).setup()
+    idx = list(range(4))
+    torch.testing.assert_close(plain._loss(idx)[0].loss, checkpointed._loss(idx)[0].loss)
+    bf16 = CPORecipe(
+        settings(max_steps=2, mixed_precision="bf16"), str(tiny_model_dir), PAIRS, tmp_path / "c"
+    ).setup()
+    out, logp_c, _ = bf16._loss(idx)
+    assert logp_c.dtype == torch.float32 and torch.isfinite(out.loss)
+    # bf16 matmuls, float32 log-softmax: close to the float32 loss, not equal to it.
+    assert out.loss.item() == pytest.approx(plain._loss(idx)[0].loss.item(), rel=2e-2)
+    bf16.train()
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path / "c").values())
+
+
+def test_dpo_uses_cached_reference_logps_of_the_starting_policy(tiny_model_dir, tmp_path):
+    recipe = CPORecipe(settings(loss_type="dpo", max_steps=2), str(tiny_model_dir), PAIRS, tmp_path).setup()
+    assert recipe.ref_logps.shape == (len(PAIRS), 2)
+    (cache,) = tmp_path.glob("reference_logps-*.safetensors")
+    # At the start the policy is the reference: every log-ratio is 0, so the DPO loss is log 2 (+ NLL).
+    out, _, _ = recipe._loss(list(range(4)))
+    assert out.chosen_rewards.abs().max().item() < 1e-5 and out.rejected_rewards.abs().max().item() < 1e-5
+    assert out.preference.item() == pytest.approx(math.log(2), abs=1e-5)
+    recipe.train()
+    again = CPORecipe(settings(loss_type="dpo", max_steps=2), str(tiny_model_dir), PAIRS, tmp_path).setup()
+    torch.testing.assert_close(again.ref_logps, load_file(cache)["logps"])
+    torch.testing.assert_close(again.ref_logps, recipe.ref_logps)
+
+
+def test_merged_model_equals_base_plus_adapter(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = CPORecipe(settings(max_steps=3, save_merged=True), str(tiny_model_dir), PAIRS, tmp_path).setup()
+    recipe.train().save(tmp_path / "adapter")
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter"
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        expected = with_adapter(ids).logits
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(base(ids).logits, expected, atol=1e-4)  # training did change the model

@@ -184,7 +184,7 @@ def test_set_overrides_apply():
     assert cfg.run.name == "a=b"
     assert [(s.name, s.num_beams) for s in cfg.generate.systems] == [("beam", 4)]
     # the file's other values survive
-    assert cfg.train.max_length == 256 and cfg.train.learning_rate == 1e-3
+    assert cfg.train.max_length == 256 and cfg.train.learning_rate == 5e-3
 
 
 def test_set_a_whole_section_and_a_key_absent_from_the_file():

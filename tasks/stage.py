@@ -21,7 +21,6 @@ from alma_r.data.io import write_json_atomic
 
 COMPLETE = "_COMPLETE.json"
 IN_PROGRESS = "_IN_PROGRESS.json"
-_PACKAGE_DIRS = ("alma_r", "flows", "tasks", "models", "data")
 
 
 @dataclass
@@ -42,7 +41,8 @@ class StageResult:
 
 @functools.cache
 def code_version() -> str:
-    """A hash of every Python source of the package: editing code invalidates the stages it could change."""
+    """A hash of every Python source of the package. Conservative: any code edit invalidates every stage
+    (a finer, per-stage dependency hash is future work; a stale result is worse than a recomputed one)."""
     import alma_r
     import alma_r.data
     import alma_r.flows

@@ -163,11 +163,58 @@ class GenerateSection(Section):
     batch_size: int = Field(16, ge=1)
 
 
+class CometModel(Section):
+    """A COMET checkpoint behind a metric name."""
+
+    model: str = Field(description="Hugging Face id (e.g. Unbabel/XCOMET-XXL) or a local checkpoint/folder.")
+    reference: bool = Field(False, description="Score with the reference (False: reference-free, as ALMA-R).")
+
+
+# The paper's metrics (ALMA-R, Table 1 and section 3): the selection score is mean(kiwi_xxl, xcomet_xxl),
+# both reference-free; the evaluation adds KIWI-22 and reference-based COMET-22.
+DEFAULT_COMET_MODELS = {
+    "xcomet_xxl": {"model": "Unbabel/XCOMET-XXL", "reference": False},
+    "kiwi_xxl": {"model": "Unbabel/wmt23-cometkiwi-da-xxl", "reference": False},
+    "kiwi_22": {"model": "Unbabel/wmt22-cometkiwi-da", "reference": False},
+    "comet_22": {"model": "Unbabel/wmt22-comet-da", "reference": True},
+}
+STRING_METRICS = ("chrf", "bleu", "consensus_chrf")
+
+
 class ScoreSection(Section):
-    metrics: list[Literal["chrf", "bleu"]] = Field(
-        default_factory=lambda: ["chrf"],
-        description="Segment metrics. chrf is the CPU stand-in for KIWI-XXL/XCOMET-XXL (reference-based).",
+    comet_models: dict[str, CometModel] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="COMET checkpoints by metric name; the paper's four are predefined.",
     )
+    metrics: list[str] = Field(
+        default_factory=lambda: ["chrf"],
+        description="Segment metrics: chrf, bleu (reference-based), consensus_chrf (reference-free, no model), "
+        "or a name from comet_models (xcomet_xxl, kiwi_xxl, kiwi_22, comet_22, or your own).",
+    )
+    cache_path: str | None = Field(
+        None, description="SQLite score cache shared by runs; default <run.root>/_cache/scores.sqlite."
+    )
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("comet_models")
+    @classmethod
+    def _with_defaults(cls, v: dict[str, CometModel]) -> dict[str, CometModel]:
+        return {k: CometModel(**spec) for k, spec in DEFAULT_COMET_MODELS.items()} | v
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str], info) -> list[str]:
+        comet = info.data.get("comet_models") or DEFAULT_COMET_MODELS
+        valid = [*STRING_METRICS, *comet]
+        for metric in v:
+            if metric not in valid:
+                raise ValueError(
+                    f"unknown metric '{metric}'{_nearest(metric, valid)} (known: {', '.join(valid)})"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError("a metric is listed twice")
+        return v
 
 
 class SelectSection(Section):

@@ -404,7 +404,7 @@ def spawn(args, engine: str, out: Path, pairs_file: Path) -> dict:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", DISABLE_MLFLOW_INTEGRATION="TRUE")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1")
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # our engine picks CUDA whenever it sees one
     log(f"running {engine} in a fresh process (1-min load average now {os.getloadavg()[0]:.2f})")

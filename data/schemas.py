@@ -56,6 +56,8 @@ SCORES = pa.schema(
         _field("metric", pa.string()),  # e.g. "chrf", "xcomet_xxl", "kiwi_xxl"
         _field("model_id", pa.string()),  # COMET checkpoint, or the sacrebleu signature for string metrics
         _field("score", pa.float64()),
+        _field("error_spans", pa.string(), required=False),  # XCOMET's error spans, JSON
+        _field("flag", pa.string(), required=False),  # e.g. "empty_hypothesis": scored, but worth a look
     ]
 )
 

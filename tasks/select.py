@@ -73,7 +73,9 @@ def select_pairs(
                     "segment_id": sid,
                     "lp": seg["lp"],
                     "reason": "chosen_equals_rejected",
-                    "detail": "every candidate scored the same" if chosen == rejected else f"{chosen} vs {rejected}",
+                    "detail": "every candidate scored the same"
+                    if chosen == rejected
+                    else f"{chosen} vs {rejected}",
                 }
             )
             continue

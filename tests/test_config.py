@@ -217,7 +217,7 @@ def test_set_through_a_scalar_is_refused():
         ("train.beta=abc", "train.beta", "'abc'"),
         ("train.lora.r=0", "train.lora.r", "0"),
         ("train.loss_type=kto", "train.loss_type", "'kto'"),
-        ("score.metrics=[chrf, comet]", "score.metrics.1", "'comet'"),
+        ("score.metrics=[chrf, comet]", "score.metrics", "['chrf', 'comet']"),
         ("model.dtype=fp8", "model.dtype", "'fp8'"),
     ],
 )

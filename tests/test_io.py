@@ -88,6 +88,8 @@ def scores_row(**kw) -> dict:
         "metric": "chrf",
         "model_id": "sig",
         "score": 55.5,
+        "error_spans": None,
+        "flag": None,
         **kw,
     }
 

@@ -69,25 +69,9 @@ def imported_hypotheses(cfg: RunConfig, tests: list[dict]) -> dict[str, list[str
     return out
 
 
-def run_evaluate(
-    cfg: RunConfig,
-    segments_path: Path,
-    model_path: str,
-    base_adapter: str | None,
-    cpo_model: str,
-    cpo_adapter: str | None,
-    out_dir: Path,
-) -> tuple[dict, dict]:
-    tests = [r for r in read_rows(segments_path, SEGMENTS) if r["split"] == "test" and r["ref"]]
-    if not tests:
-        raise ValueError("no test segments: add a source with split: test to ingest.sources")
-    systems: dict[str, list[str | None]] = {}
-    counts = {"test_segments": len(tests)}
-    for name, model, adapter in (("baseline", model_path, base_adapter), ("cpo", cpo_model, cpo_adapter)):
-        systems[name], too_long = translate_test_sets(cfg, tests, model, adapter, name)
-        counts[f"{name}/prompt_too_long"] = too_long
-    systems.update(imported_hypotheses(cfg, tests))
-
+def score_systems(tests: list[dict], systems: dict[str, list[str | None]]) -> tuple[list[dict], list[dict]]:
+    """Corpus BLEU and chrF (sacreBLEU, with signatures) per system, test set and direction; and the
+    hypothesis rows. A system that does not cover a whole test set and direction is left out of it."""
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, r in enumerate(tests):
         groups[(r["origin"], r["lp"])].append(i)
@@ -95,7 +79,7 @@ def run_evaluate(
     for system, hyps in systems.items():
         for (test_set, lp), idx in sorted(groups.items()):
             if any(hyps[i] is None for i in idx):
-                continue  # an imported system that does not cover this test set
+                continue
             sys_hyps, refs = [hyps[i] for i in idx], [tests[i]["ref"] for i in idx]
             for metric in METRICS:
                 score, signature = corpus_score(metric, sys_hyps, refs, tgt_lang=tests[idx[0]]["tgt_lang"])
@@ -120,6 +104,29 @@ def run_evaluate(
                 }
                 for i in idx
             ]
+    return results, hyp_rows
+
+
+def run_evaluate(
+    cfg: RunConfig,
+    segments_path: Path,
+    model_path: str,
+    base_adapter: str | None,
+    cpo_model: str,
+    cpo_adapter: str | None,
+    out_dir: Path,
+) -> tuple[dict, dict]:
+    tests = [r for r in read_rows(segments_path, SEGMENTS) if r["split"] == "test" and r["ref"]]
+    if not tests:
+        raise ValueError("no test segments: add a source with split: test to ingest.sources")
+    systems: dict[str, list[str | None]] = {}
+    counts = {"test_segments": len(tests)}
+    for name, model, adapter in (("baseline", model_path, base_adapter), ("cpo", cpo_model, cpo_adapter)):
+        systems[name], too_long = translate_test_sets(cfg, tests, model, adapter, name)
+        counts[f"{name}/prompt_too_long"] = too_long
+    systems.update(imported_hypotheses(cfg, tests))
+
+    results, hyp_rows = score_systems(tests, systems)
     outputs = {
         "eval": write_table(results, out_dir / "eval.parquet", EVAL_RESULTS),
         "hypotheses": write_table(hyp_rows, out_dir / "hypotheses.parquet", HYPOTHESES),

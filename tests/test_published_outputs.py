@@ -1,0 +1,62 @@
+"""Our evaluation path on the published ALMA-13B-R outputs (shared/data) reproduces sacreBLEU's CLI for all ten
+WMT'22/21 directions, and the figures in shared/data/README.md, to two decimals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alma_r.data.readers import read_aligned_text, read_lines
+from alma_r.tasks.evaluate import score_systems
+from tests.conftest import REPO
+
+SHARED = REPO.parent / "shared" / "data" / "alma" / "outputs" / "wmt22_outputs"
+# shared/data/README.md, measured with sacrebleu 2.6.0: (BLEU, chrF).
+README = {
+    "cs-en": (44.29, 68.15),
+    "de-en": (30.94, 56.55),
+    "is-en": (39.65, 62.68),
+    "ru-en": (38.95, 65.33),
+    "zh-en": (23.21, 54.88),
+    "en-cs": (26.25, 54.03),
+    "en-de": (27.64, 57.61),
+    "en-is": (22.85, 53.36),
+    "en-ru": (24.10, 51.69),
+    "en-zh": (34.05, 33.04),
+}
+pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not here")
+
+
+def cli(ref: Path, hyp: Path, tokenize: str) -> tuple[float, float]:
+    sacrebleu = str(Path(sys.executable).parent / "sacrebleu")
+    out = subprocess.run(
+        [sacrebleu, str(ref), "-i", str(hyp), "-m", "bleu", "chrf", "--tokenize", tokenize, "-b", "-w", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    bleu, chrf = json.loads(out)  # with -b and two metrics the CLI prints a JSON list
+    return float(bleu), float(chrf)
+
+
+@pytest.mark.parametrize("lp", sorted(README))
+def test_published_alma_13b_r_scores_equal_sacrebleu_cli(lp):
+    src, tgt = lp.split("-")
+    folder = f"{src}{tgt}"
+    src_file = SHARED / "wmt-testset" / folder / f"test.{src}-{tgt}.{src}"
+    ref_file = SHARED / "wmt-testset" / folder / f"test.{src}-{tgt}.{tgt}"
+    hyp_file = SHARED / "ALMA-13B-R" / folder / f"test.{src}-{tgt}.{tgt}"
+    tests = read_aligned_text(src_file, ref_file, lp, [lp], "test", origin="wmt22")
+    hyps = read_lines(hyp_file)
+    assert len(hyps) == len(tests)
+    results, _ = score_systems(tests, {"ALMA-13B-R": hyps})
+    ours = {r["metric"]: r for r in results}
+    tokenize = "zh" if tgt == "zh" else "13a"
+    expected = cli(ref_file, hyp_file, tokenize)
+    assert (round(ours["bleu"]["score"], 2), round(ours["chrf"]["score"], 2)) == expected
+    assert expected == README[lp]
+    assert f"tok:{tokenize}" in ours["bleu"]["signature"] and "nc:6" in ours["chrf"]["signature"]

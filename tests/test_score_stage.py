@@ -1,0 +1,148 @@
+"""The score stage: every distinct request scored once (across systems and reruns), consensus chrF by hand,
+and bad inputs stopped with the segments and systems named."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from sacrebleu.metrics import CHRF
+
+from alma_r.config import load_config
+from alma_r.data.io import read_rows, write_table
+from alma_r.data.schemas import CANDIDATES, SCORES, SEGMENTS
+from alma_r.models import scorers
+from alma_r.models.score_cache import ScoreCache, score_key
+from alma_r.models.scorers import SegmentScore
+from alma_r.tasks.score import ScoringError, run_score
+
+SEGS = [
+    {
+        "id": "s1",
+        "lp": "de-en",
+        "src_lang": "de",
+        "tgt_lang": "en",
+        "src": "Guten Morgen",
+        "ref": "Good morning",
+        "origin": "t",
+        "split": "train",
+    },
+    {
+        "id": "s2",
+        "lp": "de-en",
+        "src_lang": "de",
+        "tgt_lang": "en",
+        "src": "Danke",
+        "ref": "Thank you",
+        "origin": "t",
+        "split": "train",
+    },
+]
+
+
+def cand(segment_id, system, text):
+    return {
+        "segment_id": segment_id,
+        "lp": "de-en",
+        "system": system,
+        "hypothesis": text,
+        "model_id": "m",
+        "adapter": None,
+        "generation": "{}",
+    }
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    segments = write_table(SEGS, tmp_path / "segments.parquet", SEGMENTS)
+    a = write_table(
+        [cand("s1", "a", "Good morning"), cand("s2", "a", "Thanks")], tmp_path / "a.parquet", CANDIDATES
+    )
+    b = write_table(
+        [cand("s1", "b", "Morning good"), cand("s2", "b", "")], tmp_path / "b.parquet", CANDIDATES
+    )
+    return segments, [a, b]
+
+
+class Counting:
+    """Counts the segments each scorer class is asked to score."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for cls in (scorers.SacrebleuScorer, scorers.ConsensusScorer):
+            real = cls.score
+
+            def counted(scorer, items, _real=real):
+                self.calls += len(items)
+                return _real(scorer, items)
+
+            monkeypatch.setattr(cls, "score", counted)
+
+
+def test_each_distinct_request_is_scored_once_then_cached(inputs, tmp_path, monkeypatch):
+    segments, candidates = inputs
+    cfg = load_config(overrides=["score.metrics=[chrf, consensus_chrf]"])
+    counter = Counting(monkeypatch)
+    outputs, counts = run_score(cfg, segments, candidates, tmp_path / "out1", tmp_path / "cache.sqlite")
+    # 6 requests (reference + 2 systems x 2 segments); system a's "Good morning" equals the reference of s1.
+    assert counts["chrf/requests"] == 6 and counts["chrf/distinct"] == 5 and counts["chrf/scored"] == 5
+    assert counts["chrf/from_cache"] == 0
+    first = counter.calls
+    outputs2, counts2 = run_score(cfg, segments, candidates, tmp_path / "out2", tmp_path / "cache.sqlite")
+    assert counter.calls == first  # zero scorer calls the second time
+    assert counts2["chrf/scored"] == 0 and counts2["chrf/from_cache"] == 5
+    for metric in ("chrf", "consensus_chrf"):
+        assert read_rows(outputs[f"scores/{metric}"], SCORES) == read_rows(
+            outputs2[f"scores/{metric}"], SCORES
+        )
+
+
+def test_chrf_and_consensus_values_by_hand(inputs, tmp_path):
+    segments, candidates = inputs
+    cfg = load_config(overrides=["score.metrics=[chrf, consensus_chrf]"])
+    outputs, _ = run_score(cfg, segments, candidates, tmp_path / "out", tmp_path / "cache.sqlite")
+    chrf = {(r["segment_id"], r["system"]): r for r in read_rows(outputs["scores/chrf"], SCORES)}
+    assert chrf[("s1", "reference")]["score"] == 100.0 and chrf[("s1", "a")]["score"] == 100.0
+    assert chrf[("s2", "b")]["flag"] == "empty_hypothesis" and chrf[("s2", "b")]["score"] == 0.0
+    assert chrf[("s2", "a")]["flag"] is None
+    metric = CHRF()
+    expected = metric.sentence_score("Thanks", ["Thank you"]).score
+    assert chrf[("s2", "a")]["score"] == pytest.approx(expected)
+    consensus = {
+        (r["segment_id"], r["system"]): r["score"]
+        for r in read_rows(outputs["scores/consensus_chrf"], SCORES)
+    }
+    # s1: "Morning good" against the other two candidates ("Good morning" twice).
+    by_hand = (metric.sentence_score("Morning good", ["Good morning"]).score * 2) / 2
+    assert consensus[("s1", "b")] == pytest.approx(by_hand)
+    by_hand_ref = (
+        metric.sentence_score("Good morning", ["Good morning"]).score
+        + metric.sentence_score("Good morning", ["Morning good"]).score
+    ) / 2
+    assert consensus[("s1", "reference")] == pytest.approx(by_hand_ref)
+
+
+def test_a_system_missing_segments_is_named(tmp_path):
+    segments = write_table(SEGS, tmp_path / "segments.parquet", SEGMENTS)
+    a = write_table([cand("s1", "a", "x"), cand("s2", "a", "y")], tmp_path / "a.parquet", CANDIDATES)
+    b = write_table([cand("s1", "b", "x")], tmp_path / "b.parquet", CANDIDATES)
+    with pytest.raises(ScoringError, match=r"system 'b' has no candidate for 1 segment\(s\).*'s2'"):
+        run_score(load_config(), segments, [a, b], tmp_path / "out", tmp_path / "c.sqlite")
+    c = write_table([cand("s9", "c", "x")], tmp_path / "c.parquet", CANDIDATES)
+    with pytest.raises(ScoringError, match=r"unknown segments.*'s9'"):
+        run_score(load_config(), segments, [c], tmp_path / "out", tmp_path / "c.sqlite")
+
+
+def test_a_nan_score_is_refused_with_segment_and_system(inputs, tmp_path, monkeypatch):
+    segments, candidates = inputs
+
+    def broken(self, items):
+        return [SegmentScore(math.nan if it["mt"] == "Thanks" else 1.0) for it in items]
+
+    monkeypatch.setattr(scorers.SacrebleuScorer, "score", broken)
+    with pytest.raises(ScoringError, match=r"gave nan for segment/system \[\('s2', 'a'\)\]"):
+        run_score(load_config(), segments, candidates, tmp_path / "out", tmp_path / "cache.sqlite")
+    # Nothing untrustworthy was cached.
+    assert (
+        ScoreCache(tmp_path / "cache.sqlite").get_many([score_key("x", "Danke", "Thanks", "Thank you")]) == {}
+    )

@@ -6,7 +6,7 @@ unchanged. The scores mean nothing; they exist so scoring code can be tested aga
 
 Layout (what `comet.load_from_checkpoint` expects, plus the encoder it names):
 
-    out_dir/encoder/               tokenizer (Unigram on `texts`, XLM-R specials) and encoder config, no weights
+    out_dir/encoder/               tokenizer (BPE on `texts`, XLM-R specials) and encoder config, no weights
     out_dir/hparams.yaml           class_identifier and the rest of the hyper-parameters
     out_dir/checkpoints/model.ckpt {"state_dict", "hyper_parameters", "pytorch-lightning_version"}
 
@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from alma_r.models.comet_scorer import quiet_comet
+
 KINDS = ("regression", "kiwi", "xcomet")
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's ids 0..3; <mask> is last there, 4 here
 ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
@@ -31,17 +33,19 @@ HEAD = [64, 32]
 
 
 def train_xlmr_tokenizer(texts: list[str], vocab_size: int = 1000):
-    """A sentencepiece-style Unigram tokenizer (NFKC, metaspace) with XLM-R's specials and pair template."""
+    """A sentencepiece-style tokenizer (NFKC, metaspace) with XLM-R's specials and pair template.
+
+    BPE rather than XLM-R's Unigram: the `tokenizers` Unigram trainer gives a different vocabulary on every run,
+    BPE's is reproducible, and the checkpoint must be.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import XLMRobertaTokenizerFast
 
-    core = Tokenizer(models.Unigram())
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.normalizer = normalizers.NFKC()
     core.pre_tokenizer = pre_tokenizers.Metaspace()
     core.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>", show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
     core.train_from_iterator(texts, trainer=trainer)
     bos, eos = core.token_to_id("<s>"), core.token_to_id("</s>")
     core.post_processor = processors.TemplateProcessing(
@@ -88,7 +92,6 @@ def _metric(kind: str, encoder_dir: Path):
 
 def build_tiny_comet(out_dir: Path, kind: str, texts: list[str], seed: int = 0) -> Path:
     """Write a tiny COMET model of `kind` to `out_dir` (replaced atomically) and return its checkpoint path."""
-    import pytorch_lightning
     from transformers import XLMRobertaConfig, XLMRobertaXLConfig
 
     if kind not in KINDS:
@@ -109,9 +112,10 @@ def build_tiny_comet(out_dir: Path, kind: str, texts: list[str], seed: int = 0) 
         )
         tokenizer.save_pretrained(tmp / "encoder")
         config.save_pretrained(tmp / "encoder")
-        with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
+        with torch.random.fork_rng(devices=[]), quiet_comet():  # seeded, leaving the caller's RNG alone
             torch.manual_seed(seed)
             model = _metric(kind, tmp / "encoder")
+            import pytorch_lightning  # after COMET, inside quiet_comet: its import warns about pkg_resources
         hparams = dict(model.hparams)
         hparams["pretrained_model"] = str(out_dir / "encoder")  # where it will live after the rename
         (tmp / "hparams.yaml").write_text(yaml.safe_dump(hparams, sort_keys=True), encoding="utf-8")

@@ -472,6 +472,12 @@ def report(args, ours_runs: list[dict], trl_runs: list[dict], meta: dict, n_pair
     ]
     for k, (a, b) in enumerate(zip(ours["losses"], trl["losses"], strict=False), start=1):
         lines.append(f"| {k} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
+    busy = max(ours["other_cpu"], trl["other_cpu"])
+    if busy > 0.1 and args.device == "cpu":
+        lines.append(
+            f"\nWARNING: other processes took up to {busy:.2f} CPU s/s while a shown run trained: its timing "
+            "is disturbed (rerun on a quiet machine, or with more --repeats)."
+        )
     return "\n".join(lines)
 
 
@@ -523,11 +529,6 @@ def main():
             for engine in runs:
                 runs[engine].append(spawn(args, engine, Path(tmp) / f"{engine}-{k}.json", pairs_file))
     print(report(args, runs["ours"], runs["trl"], meta, len(pairs)))
-    busy = max(r["other_cpu"] for rs in runs.values() for r in rs)
-    if busy > 0.1 and args.device == "cpu":
-        print(
-            f"\nWARNING: other processes used up to {busy:.2f} CPU s/s during training: timings are disturbed."
-        )
     print(f"\n(total benchmark wall time {time.perf_counter() - t0:.0f}s)")
 
 

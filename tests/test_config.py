@@ -166,6 +166,7 @@ def test_set_overrides_apply():
         [
             "train.beta=0.2",
             "score.metrics=[chrf, bleu]",
+            "select.metrics=[bleu]",
             "train.lora.target_modules=[q_proj, v_proj]",
             "model.tiny.hidden_size=256",
             "model.tiny.num_attention_heads=4",
@@ -255,7 +256,7 @@ def test_tiny_head_dim_must_be_64(hidden, heads):
 
 def test_selection_metrics_must_be_scored():
     msg = config_error(TINY, ["select.metrics=[bleu]"])
-    assert "['bleu']" in msg and "['chrf']" in msg
+    assert "['bleu']" in msg and "['chrf', 'consensus_chrf']" in msg
 
 
 def test_source_needs_its_kind_fields_and_known_languages(tmp_path):

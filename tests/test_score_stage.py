@@ -146,3 +146,44 @@ def test_a_nan_score_is_refused_with_segment_and_system(inputs, tmp_path, monkey
     assert (
         ScoreCache(tmp_path / "cache.sqlite").get_many([score_key("x", "Danke", "Thanks", "Thank you")]) == {}
     )
+
+
+def test_comet_metrics_through_the_stage_then_zero_forward_passes(inputs, tmp_path, monkeypatch):
+    pytest.importorskip("comet")
+    from alma_r.models import comet_scorer
+    from alma_r.models.tiny_comet import build_tiny_comet
+
+    texts = [s["src"] for s in SEGS] + [s["ref"] for s in SEGS] + ["Good morning", "Thanks", "Morning good"]
+    kiwi = build_tiny_comet(tmp_path / "kiwi", "kiwi", texts)
+    xcomet = build_tiny_comet(tmp_path / "xcomet", "xcomet", texts)
+    cfg = load_config(
+        overrides=[
+            "score.metrics=[kiwi_xxl, xcomet_xxl]",
+            f"score.comet_models={{kiwi_xxl: {{model: '{kiwi}'}}, xcomet_xxl: {{model: '{xcomet}', reference: false}}}}",
+        ]
+    )
+    segments, candidates = inputs
+    scored, loads = [], []
+    real_score, real_load = comet_scorer.CometScorer.score, comet_scorer.CometScorer._load
+
+    def counting_score(self, items):
+        scored.append(len(items))
+        return real_score(self, items)
+
+    def counting_load(self):
+        loads.append(self.model_id)
+        return real_load(self)
+
+    monkeypatch.setattr(comet_scorer.CometScorer, "score", counting_score)
+    monkeypatch.setattr(comet_scorer.CometScorer, "_load", counting_load)
+    outputs, counts = run_score(cfg, segments, candidates, tmp_path / "out1", tmp_path / "cache.sqlite")
+    assert scored == [5, 5] and counts["xcomet_xxl/scored"] == 5
+    rows = read_rows(outputs["scores/xcomet_xxl"], SCORES)
+    assert len(rows) == 6 and all(r["error_spans"] is not None for r in rows)
+    assert {r["model_id"] for r in rows} == {str(xcomet)}
+    scored.clear()
+    loads.clear()
+    outputs2, counts2 = run_score(cfg, segments, candidates, tmp_path / "out2", tmp_path / "cache.sqlite")
+    assert scored == [] and loads == []  # all from the cache: no forward pass, not even a model load
+    assert counts2["kiwi_xxl/from_cache"] == 5
+    assert read_rows(outputs2["scores/kiwi_xxl"], SCORES) == read_rows(outputs["scores/kiwi_xxl"], SCORES)

@@ -196,6 +196,9 @@ class ScoreSection(Section):
         None, description="SQLite score cache shared by runs; default <run.root>/_cache/scores.sqlite."
     )
     batch_size: int = Field(16, ge=1)
+    processes: int = Field(
+        1, ge=0, description="COMET worker processes, one per GPU (0: one per visible GPU, at least one)."
+    )
 
     @field_validator("comet_models")
     @classmethod

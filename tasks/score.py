@@ -40,14 +40,17 @@ def make_scorer(cfg: RunConfig, metric: str, tgt_lang: str):
         return SacrebleuScorer(metric, tgt_lang)
     if metric == "consensus_chrf":
         return ConsensusScorer()
+    import torch
+
     from alma_r.models.comet_scorer import CometScorer
+    from alma_r.models.comet_workers import ShardedCometScorer
 
     spec = cfg.score.comet_models[metric]
-    return CometScorer(
-        comet_model_path(spec.model, config_base_dir(cfg)),
-        batch_size=cfg.score.batch_size,
-        reference=spec.reference,
-    )
+    model = comet_model_path(spec.model, config_base_dir(cfg))
+    processes = cfg.score.processes or max(torch.cuda.device_count(), 1)
+    if processes > 1:  # one worker process per GPU, each on its own shard
+        return ShardedCometScorer(model, processes, batch_size=cfg.score.batch_size, reference=spec.reference)
+    return CometScorer(model, batch_size=cfg.score.batch_size, reference=spec.reference)
 
 
 def check_coverage(candidates: list[dict], segments: dict[str, dict], where: str) -> None:

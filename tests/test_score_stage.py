@@ -187,3 +187,27 @@ def test_comet_metrics_through_the_stage_then_zero_forward_passes(inputs, tmp_pa
     assert scored == [] and loads == []  # all from the cache: no forward pass, not even a model load
     assert counts2["kiwi_xxl/from_cache"] == 5
     assert read_rows(outputs2["scores/kiwi_xxl"], SCORES) == read_rows(outputs["scores/kiwi_xxl"], SCORES)
+
+
+def test_two_worker_processes_give_the_single_process_scores(inputs, tmp_path):
+    pytest.importorskip("comet")
+    from alma_r.models.tiny_comet import build_tiny_comet
+
+    texts = [s["src"] for s in SEGS] + [s["ref"] for s in SEGS] + ["Good morning", "Thanks", "Morning good"]
+    kiwi = build_tiny_comet(tmp_path / "kiwi", "kiwi", texts)
+    segments, candidates = inputs
+    results = {}
+    for processes in (1, 2):
+        cfg = load_config(
+            overrides=[
+                "score.metrics=[kiwi_xxl]",
+                f"score.comet_models={{kiwi_xxl: {{model: '{kiwi}'}}}}",
+                f"score.processes={processes}",
+            ]
+        )
+        outputs, counts = run_score(
+            cfg, segments, candidates, tmp_path / f"out{processes}", tmp_path / f"cache{processes}.sqlite"
+        )
+        assert counts["kiwi_xxl/scored"] == 5
+        results[processes] = [r["score"] for r in read_rows(outputs["scores/kiwi_xxl"], SCORES)]
+    assert results[2] == pytest.approx(results[1], abs=1e-6)

@@ -138,15 +138,63 @@ class SftSection(Section):
     )
 
 
+class EndpointSection(Section):
+    """An OpenAI-compatible server (GPT-4, or `vllm serve`)."""
+
+    base_url: str = Field(description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    model: str = Field(description="The model name the server knows, e.g. gpt-4-0613.")
+    api: Literal["chat", "completions"] = "chat"
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the key.")
+    api_key_secret: str | None = Field(
+        None, description="Prefect Secret block holding the key (wins if set)."
+    )
+    max_concurrency: int = Field(4, ge=1)
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+
+
 class DecodingConfig(Section):
-    """One candidate system: a decoding of the (SFT) model."""
+    """One candidate system: a decoding of the policy model (hf, vllm), an API, or another system's file."""
 
     name: str
+    backend: Literal["hf", "vllm", "openai", "file"] = Field(
+        "hf",
+        description="hf: transformers generate; vllm: vLLM in its own environment and process; "
+        "openai: an OpenAI-compatible endpoint; file: translations another system already made.",
+    )
     num_beams: int = Field(1, ge=1)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
+    n: int = Field(1, ge=1, description="Samples per source; systems <name>-1..<name>-n when n > 1.")
+    shots: Literal["none", "hw", "filtered"] = Field(
+        "none", description="ALMA's 5-shot prompts: human-written (hw) or filtered examples, from shots_dir."
+    )
+    shots_dir: str | None = Field(None, description="Folder with ALMA's shots.<src>-<tgt>.json files.")
+    files: dict[str, str] | None = Field(
+        None, description="file backend: {lp: file}, one translation per source."
+    )
+    file_format: Literal["text", "jsonl"] = "text"
+    jsonl_field: str = Field("translation", description="file backend, jsonl: the field holding the text.")
+    endpoint: EndpointSection | None = None
+    vllm_python: str = Field(
+        ".venv-vllm/bin/python", description="vllm backend: the vLLM environment's python."
+    )
+    tensor_parallel_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> DecodingConfig:
+        if self.backend == "file" and not self.files:
+            raise ValueError(f"system '{self.name}': backend file needs files: {{lp: path}}")
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError(f"system '{self.name}': backend openai needs endpoint: {{base_url, model}}")
+        if self.shots != "none" and self.shots_dir is None:
+            raise ValueError(f"system '{self.name}': shots {self.shots} needs shots_dir")
+        return self
+
+    def system_names(self) -> list[str]:
+        return [self.name] if self.n == 1 else [f"{self.name}-{k}" for k in range(1, self.n + 1)]
 
 
 class GenerateSection(Section):
@@ -326,7 +374,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_stage(self) -> RunConfig:
-        names = [s.name for s in self.generate.systems]
+        names = [n for s in self.generate.systems for n in s.system_names()]
         if len(set(names)) != len(names) or "reference" in names:
             raise ValueError(f"generate.systems names must be unique and not 'reference': {names}")
         if self.sft.enabled and self.model.adapter:

@@ -1,20 +1,25 @@
-"""Stage 2, generate: candidate translations of the training sources -> candidates/<system>.parquet."""
+"""Stage 2, generate: candidate translations of the training sources -> candidates/<system>.parquet.
+
+A system is a decoding of the policy model (transformers or vLLM), an OpenAI-compatible endpoint, or another
+system's translations from a file. Prompts over the limit are skipped and counted, never cut.
+"""
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from alma_r.config import RunConfig
+from alma_r.config import DecodingConfig, RunConfig, config_base_dir, resolve_path
 from alma_r.data.io import read_rows, write_table
+from alma_r.data.readers import IngestError, read_lines
 from alma_r.data.schemas import CANDIDATES, SEGMENTS
 from alma_r.models.generation import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer, model_identity, pick_device
-from alma_r.models.prompts import make_prompt
+from alma_r.models.prompts import load_shots, make_prompt
 from alma_r.tasks.stage import StageResult, run_stage, stage_key
 
 
@@ -32,64 +37,209 @@ def preference_sources(segments: list[dict], max_per_lp: int | None) -> list[dic
     return out
 
 
-def run_generate(
-    cfg: RunConfig, segments_path: Path, model_path: str, adapter: str | None, out_dir: Path
-) -> tuple[dict, dict]:
-    sources = preference_sources(read_rows(segments_path, SEGMENTS), cfg.generate.max_sources_per_lp)
-    prompts = [make_prompt(r["src"], r["src_lang"], r["tgt_lang"]) for r in sources]
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = load_model(
-        model_path,
-        adapter=adapter,
-        dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code,
-        device=pick_device(),
+def system_prompts(cfg: RunConfig, system: DecodingConfig, sources: list[dict]) -> list[str]:
+    shots: dict[tuple[str, str], list[dict]] = {}
+    if system.shots != "none":
+        folder = resolve_path(system.shots_dir, config_base_dir(cfg))
+        for r in sources:
+            key = (r["src_lang"], r["tgt_lang"])
+            if key not in shots:
+                shots[key] = load_shots(folder, *key)
+    return [
+        make_prompt(r["src"], r["src_lang"], r["tgt_lang"], shots.get((r["src_lang"], r["tgt_lang"])))
+        for r in sources
+    ]
+
+
+def file_translations(
+    cfg: RunConfig, system: DecodingConfig, sources: list[dict], all_segments: list[dict]
+) -> list[str]:
+    """Another system's translations, one per training source of its direction in file order (checked)."""
+    by_lp: dict[str, list[str]] = defaultdict(list)
+    for r in all_segments:
+        if r["split"] == "train" and r["ref"]:
+            by_lp[r["lp"]].append(r["id"])
+    text: dict[str, str] = {}
+    for lp, file in system.files.items():
+        path = resolve_path(file, config_base_dir(cfg))
+        lines = read_lines(path)
+        if system.file_format == "jsonl":
+            values = []
+            for i, line in enumerate(lines, start=1):
+                try:
+                    values.append(json.loads(line)[system.jsonl_field])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise IngestError(
+                        f"{path}:{i}: no field '{system.jsonl_field}' in a JSON object"
+                    ) from None
+            lines = values
+        ids = by_lp.get(lp, [])
+        if len(lines) != len(ids):
+            raise IngestError(
+                f"{path}:{min(len(lines), len(ids)) + 1}: {len(lines)} translations for the "
+                f"{len(ids)} training sources of {lp} (system '{system.name}')"
+            )
+        text.update(zip(ids, lines, strict=True))
+    missing = [r["id"] for r in sources if r["id"] not in text]
+    if missing:
+        raise IngestError(f"system '{system.name}': no file for the direction of {missing[:3]}")
+    return [text[r["id"]] for r in sources]
+
+
+class PolicyModel:
+    """The policy loaded once, on first use, for every transformers system of the stage."""
+
+    def __init__(self, cfg: RunConfig, model_path: str, adapter: str | None):
+        self.cfg, self.model_path, self.adapter = cfg, model_path, adapter
+        self._loaded = None
+
+    def get(self):
+        if self._loaded is None:
+            tokenizer = load_tokenizer(self.model_path, self.cfg.model.trust_remote_code)
+            model = load_model(
+                self.model_path,
+                adapter=self.adapter,
+                dtype=self.cfg.model.dtype,
+                trust_remote_code=self.cfg.model.trust_remote_code,
+                device=pick_device(),
+            )
+            self._loaded = (model, tokenizer)
+        return self._loaded
+
+
+def translate(
+    cfg: RunConfig,
+    system: DecodingConfig,
+    prompts: list[str],
+    sources: list[dict],
+    all_segments: list[dict],
+    policy: PolicyModel,
+) -> tuple[list[list[str | None]], dict]:
+    """n translations per prompt (None where the prompt is over the limit) and the backend's identity."""
+    decoding = Decoding(
+        num_beams=system.num_beams,
+        do_sample=system.do_sample,
+        temperature=system.temperature,
+        top_p=system.top_p,
+        max_new_tokens=system.max_new_tokens,
     )
-    identity = model_identity(model_path, adapter)
-    outputs, counts = {}, {"sources": len(sources)}
-    for system in cfg.generate.systems:
-        decoding = Decoding(
-            num_beams=system.num_beams,
-            do_sample=system.do_sample,
-            temperature=system.temperature,
-            top_p=system.top_p,
-            max_new_tokens=system.max_new_tokens,
+    seed = cfg.run.seed
+    if system.backend == "file":
+        return [[t] for t in file_translations(cfg, system, sources, all_segments)], {
+            "model_id": f"file:{','.join(sorted(system.files.values()))}",
+            "adapter": None,
+        }
+    if system.backend == "openai":
+        from alma_r.models.openai_backend import EndpointConfig, translate_via_endpoint
+
+        endpoint = EndpointConfig(**system.endpoint.model_dump())
+        cache = Path(cfg.run.root).resolve() / "_cache" / "requests.sqlite"
+        outs = [
+            translate_via_endpoint(
+                endpoint,
+                prompts,
+                cache,
+                max_tokens=system.max_new_tokens,
+                temperature=system.temperature if system.do_sample else 0.0,
+                top_p=system.top_p,
+                seed=seed + k,
+            )[0]
+            for k in range(system.n)
+        ]
+        return [list(x) for x in zip(*outs, strict=True)], {
+            "model_id": f"{endpoint.base_url}#{endpoint.model}",
+            "adapter": None,
+        }
+    model, tokenizer = policy.get()
+    identity = model_identity(policy.model_path, policy.adapter)
+    if system.backend == "vllm":
+        from alma_r.models.vllm_backend import generate_with_vllm
+
+        python = str(resolve_path(system.vllm_python, Path.cwd()))
+        outs = generate_with_vllm(
+            python,
+            policy.model_path,
+            policy.adapter,
+            prompts,
+            decoding,
+            system.n,
+            seed,
+            cfg.generate.max_prompt_tokens,
+            tokenizer,
+            tensor_parallel_size=system.tensor_parallel_size,
         )
-        hyps = generate_translations(
+        return outs, identity
+    # transformers: n samples are n seeded passes (n > 1 only makes sense with sampling)
+    runs = [
+        generate_translations(
             model,
             tokenizer,
             prompts,
             decoding,
             cfg.generate.batch_size,
             cfg.generate.max_prompt_tokens,
-            seed=cfg.run.seed,
+            seed=seed + k,
             desc=f"generate {system.name}",
         )
-        settings = json.dumps({**decoding.__dict__, "seed": cfg.run.seed}, sort_keys=True)
-        rows = [
+        for k in range(system.n)
+    ]
+    return [None if x[0] is None else list(x) for x in zip(*runs, strict=True)], identity
+
+
+def run_generate(
+    cfg: RunConfig, segments_path: Path, model_path: str, adapter: str | None, out_dir: Path
+) -> tuple[dict, dict]:
+    all_segments = read_rows(segments_path, SEGMENTS)
+    sources = preference_sources(all_segments, cfg.generate.max_sources_per_lp)
+    policy = PolicyModel(cfg, model_path, adapter)
+    outputs, counts = {}, {"sources": len(sources)}
+    for system in cfg.generate.systems:
+        prompts = system_prompts(cfg, system, sources)
+        outs, identity = translate(cfg, system, prompts, sources, all_segments, policy)
+        settings = json.dumps(
             {
-                "segment_id": r["id"],
-                "lp": r["lp"],
-                "system": system.name,
-                "hypothesis": h,
-                **identity,
-                "generation": settings,
-            }
-            for r, h in zip(sources, hyps, strict=True)
-            if h is not None
-        ]
-        outputs[f"candidates/{system.name}"] = write_table(
-            rows, out_dir / "candidates" / f"{system.name}.parquet", CANDIDATES
+                "backend": system.backend,
+                "num_beams": system.num_beams,
+                "do_sample": system.do_sample,
+                "temperature": system.temperature,
+                "top_p": system.top_p,
+                "max_new_tokens": system.max_new_tokens,
+                "n": system.n,
+                "shots": system.shots,
+                "seed": cfg.run.seed,
+            },
+            sort_keys=True,
         )
-        counts[f"{system.name}/generated"] = len(rows)
-        counts[f"{system.name}/skipped_prompt_too_long"] = len(sources) - len(rows)
+        for k, name in enumerate(system.system_names()):
+            rows = [
+                {
+                    "segment_id": r["id"],
+                    "lp": r["lp"],
+                    "system": name,
+                    "hypothesis": o[k],
+                    **identity,
+                    "generation": settings,
+                }
+                for r, o in zip(sources, outs, strict=True)
+                if o is not None
+            ]
+            outputs[f"candidates/{name}"] = write_table(
+                rows, out_dir / "candidates" / f"{name}.parquet", CANDIDATES
+            )
+            counts[f"{name}/generated"] = len(rows)
+            counts[f"{name}/skipped_prompt_too_long"] = len(sources) - len(rows)
     return outputs, counts
 
 
 @task(name="generate", cache_policy=NO_CACHE)
 def generate_task(cfg: RunConfig, run_dir: Path, segments: StageResult, policy: StageResult) -> StageResult:
     """Translate the preference sources with every configured system."""
-    key = stage_key("generate", cfg.section_hash("generate", "model"), [segments, policy], extra=cfg.run.seed)
+    files = [
+        resolve_path(f, config_base_dir(cfg)) for s in cfg.generate.systems for f in (s.files or {}).values()
+    ]
+    key = stage_key(
+        "generate", cfg.section_hash("generate", "model"), [segments, policy], files=files, extra=cfg.run.seed
+    )
     return run_stage(
         "generate",
         run_dir / "generate",

@@ -139,7 +139,12 @@ def run_select(
     }
     metrics = cfg.select.metrics or cfg.score.metrics
     pairs, dropped = select_pairs(
-        segments, texts, scores, [s.name for s in cfg.generate.systems], metrics, cfg.select.min_margin
+        segments,
+        texts,
+        scores,
+        [n for s in cfg.generate.systems for n in s.system_names()],
+        metrics,
+        cfg.select.min_margin,
     )
     stats = selection_stats(pairs, dropped)
     outputs = {

@@ -1,0 +1,110 @@
+"""The generate stage's backends: transformers (greedy, n samples, 5-shot prompts) and imported files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alma_r.config import SAMPLE_DIR, load_config
+from alma_r.data.io import read_rows, write_table
+from alma_r.data.readers import IngestError
+from alma_r.data.schemas import CANDIDATES, SEGMENTS
+from alma_r.models.prompts import load_shots, make_prompt
+from alma_r.tasks.generate import run_generate, system_prompts
+
+SRC = (SAMPLE_DIR / "human_written/deen/train.de-en.de").read_text(encoding="utf-8").splitlines()[:5]
+REF = (SAMPLE_DIR / "human_written/deen/train.de-en.en").read_text(encoding="utf-8").splitlines()[:5]
+SEGS = [
+    {
+        "id": f"hw:de-en:{i}",
+        "lp": "de-en",
+        "src_lang": "de",
+        "tgt_lang": "en",
+        "src": s,
+        "ref": r,
+        "origin": "hw",
+        "split": "train",
+    }
+    for i, (s, r) in enumerate(zip(SRC, REF, strict=True))
+]
+
+
+@pytest.fixture
+def segments(tmp_path):
+    return write_table(SEGS, tmp_path / "segments.parquet", SEGMENTS)
+
+
+def test_hf_greedy_and_n_samples(segments, tmp_path, tiny_model_dir):
+    cfg = load_config(
+        overrides=[
+            "generate.systems=[{name: greedy, max_new_tokens: 8}, "
+            "{name: s, do_sample: true, n: 2, max_new_tokens: 8}]",
+            "generate.max_prompt_tokens=1000",
+        ]
+    )
+    outputs, counts = run_generate(cfg, segments, str(tiny_model_dir), None, tmp_path / "out")
+    assert set(outputs) == {"candidates/greedy", "candidates/s-1", "candidates/s-2"}
+    assert counts["greedy/generated"] == counts["s-1/generated"] == counts["s-2/generated"] == 5
+    rows = read_rows(outputs["candidates/s-2"], CANDIDATES)
+    assert json.loads(rows[0]["generation"])["n"] == 2 and rows[0]["model_id"] == str(
+        tiny_model_dir.resolve()
+    )
+    s1 = [r["hypothesis"] for r in read_rows(outputs["candidates/s-1"], CANDIDATES)]
+    s2 = [r["hypothesis"] for r in read_rows(outputs["candidates/s-2"], CANDIDATES)]
+    assert s1 != s2  # two seeds, two samples
+
+
+def test_prompt_over_the_limit_is_skipped_and_counted(segments, tmp_path, tiny_model_dir):
+    longest = max(len(make_prompt(s["src"], "de", "en")) for s in SEGS)
+    cfg = load_config(
+        overrides=["generate.systems=[{name: greedy, max_new_tokens: 4}]", "generate.max_prompt_tokens=20"]
+    )
+    _, counts = run_generate(cfg, segments, str(tiny_model_dir), None, tmp_path / "out")
+    assert longest > 20 and counts["greedy/skipped_prompt_too_long"] >= 1
+    assert counts["greedy/generated"] + counts["greedy/skipped_prompt_too_long"] == 5
+
+
+def test_five_shot_prompts_use_almas_examples():
+    cfg = load_config(
+        overrides=[f"generate.systems=[{{name: hw, shots: hw, shots_dir: '{SAMPLE_DIR / 'shots/hw'}'}}]"]
+    )
+    prompts = system_prompts(cfg, cfg.generate.systems[0], SEGS[:1])
+    shots = load_shots(SAMPLE_DIR / "shots/hw", "de", "en")
+    assert len(shots) == 5
+    expected = (
+        "Translate this from German to English:"
+        + "".join(f"\nGerman: {s['source']}\nEnglish: {s['target']}" for s in shots)
+        + f"\nGerman: {SRC[0]}\nEnglish:"
+    )
+    assert prompts == [expected]
+
+
+def test_imported_file_system_is_aligned_and_checked(segments, tmp_path):
+    good = tmp_path / "sys.en"
+    good.write_text("".join(f"T{i}\n" for i in range(5)), encoding="utf-8")
+    cfg = load_config(
+        overrides=[f"generate.systems=[{{name: gpt4, backend: file, files: {{de-en: '{good}'}}}}]"]
+    )
+    outputs, counts = run_generate(cfg, segments, "unused", None, tmp_path / "out")
+    rows = read_rows(outputs["candidates/gpt4"], CANDIDATES)
+    assert [(r["segment_id"], r["hypothesis"]) for r in rows] == [
+        (f"hw:de-en:{i}", f"T{i}") for i in range(5)
+    ]
+    assert rows[0]["model_id"].startswith("file:")
+    short = tmp_path / "short.en"
+    short.write_text("T0\nT1\n", encoding="utf-8")
+    cfg = load_config(
+        overrides=[f"generate.systems=[{{name: gpt4, backend: file, files: {{de-en: '{short}'}}}}]"]
+    )
+    with pytest.raises(IngestError, match=rf"{short}:3: 2 translations for the 5 training sources of de-en"):
+        run_generate(cfg, segments, "unused", None, tmp_path / "out2")
+    jsonl = tmp_path / "sys.jsonl"
+    jsonl.write_text("".join(json.dumps({"translation": f"J{i}"}) + "\n" for i in range(5)), encoding="utf-8")
+    cfg = load_config(
+        overrides=[
+            f"generate.systems=[{{name: j, backend: file, file_format: jsonl, files: {{de-en: '{jsonl}'}}}}]"
+        ]
+    )
+    outputs, _ = run_generate(cfg, segments, "unused", None, tmp_path / "out3")
+    assert read_rows(outputs["candidates/j"], CANDIDATES)[4]["hypothesis"] == "J4"

@@ -1,0 +1,155 @@
+"""The OpenAI-compatible backend against a server on loopback, behind a proxy that answers 429 and 500 some of
+the time: every segment ends translated exactly once, and a rerun makes no request at all."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from alma_r.models.openai_backend import EndpointConfig, EndpointError, translate_via_endpoint
+from alma_r.models.prompts import make_prompt
+
+SECRET = "sk-test-do-not-log-0123456789"
+
+
+class Server:
+    """A minimal OpenAI-compatible server: 'translates' by upper-casing the source line of the prompt."""
+
+    def __init__(self):
+        self.served: list[str] = []
+        self.auth: set[str] = set()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.auth.add(self.headers.get("Authorization", ""))
+                prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
+                source = prompt.split("\n")[-2].split(": ", 1)[1]
+                outer.served.append(source)
+                text = source.upper()
+                choice = (
+                    {"message": {"role": "assistant", "content": text}}
+                    if "messages" in body
+                    else {"text": " " + text + "\n"}
+                )
+                payload = json.dumps({"choices": [choice]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.port = self.httpd.server_address[1]
+
+
+class FaultyProxy:
+    """Forwards to the server, but answers 429 (with Retry-After) or 500 to a seeded share of requests."""
+
+    def __init__(self, upstream_port: int, fail_rate: float = 0.4, seed: int = 0):
+        self.requests = 0
+        self.faults = 0
+        rng = random.Random(seed)
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with lock:
+                    outer.requests += 1
+                    roll = rng.random()
+                if roll < fail_rate:
+                    with lock:
+                        outer.faults += 1
+                    status = 429 if roll < fail_rate / 2 else 500
+                    self.send_response(status)
+                    if status == 429:
+                        self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=10)
+                conn.request("POST", self.path, body, dict(self.headers))
+                response = conn.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.port = self.httpd.server_address[1]
+
+
+SOURCES = [f"Satz Nummer {i} ist hier" for i in range(40)]
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_faults_are_retried_each_segment_once_and_a_rerun_is_free(tmp_path, monkeypatch, api):
+    monkeypatch.setenv("ALMA_R_TEST_KEY", SECRET)
+    server = Server()
+    proxy = FaultyProxy(server.port)
+    cfg = EndpointConfig(
+        base_url=f"http://127.0.0.1:{proxy.port}/v1",
+        model="tiny",
+        api=api,
+        api_key_env="ALMA_R_TEST_KEY",
+        max_concurrency=4,
+        max_retries=12,
+        backoff_s=0.001,
+    )
+    prompts = [make_prompt(s, "de", "en") for s in SOURCES]
+    out, stats = translate_via_endpoint(cfg, prompts, tmp_path / "requests.sqlite")
+    assert out == [s.upper() for s in SOURCES]
+    assert sorted(server.served) == sorted(SOURCES)  # every segment translated exactly once
+    assert proxy.faults > 0 and stats["retries"] == proxy.faults and stats["requests"] == proxy.requests
+    assert server.auth == {f"Bearer {SECRET}"}
+
+    before = proxy.requests
+    again, stats2 = translate_via_endpoint(cfg, prompts, tmp_path / "requests.sqlite")
+    assert again == out and proxy.requests == before and stats2 == {"requests": 0, "retries": 0, "cached": 40}
+
+
+def test_a_refusal_is_not_retried_and_the_key_never_shows(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALMA_R_TEST_KEY", SECRET)
+
+    class Refuse(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(401)
+            payload = b'{"error": "bad key"}'
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    cfg = EndpointConfig(
+        base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+        model="m",
+        api_key_env="ALMA_R_TEST_KEY",
+        max_retries=5,
+        backoff_s=0.001,
+    )
+    with pytest.raises(EndpointError) as err:
+        translate_via_endpoint(cfg, [make_prompt("Hallo", "de", "en")], tmp_path / "r.sqlite")
+    assert "HTTP 401" in str(err.value) and SECRET not in str(err.value)

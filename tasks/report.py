@@ -63,6 +63,22 @@ def results_section(results: list[dict]) -> str:
     return "\n\n".join(out)
 
 
+def scoring_section(counts: dict) -> str:
+    """Per metric: requests, distinct requests, and how many the model scored vs the cache answered."""
+    metrics = sorted({k.split("/")[0] for k in counts if k.endswith("/requests")})
+    rows = [
+        [
+            m,
+            str(counts[f"{m}/requests"]),
+            str(counts[f"{m}/distinct"]),
+            str(counts[f"{m}/scored"]),
+            str(counts[f"{m}/from_cache"]),
+        ]
+        for m in metrics
+    ]
+    return _table(["metric", "requests", "distinct", "scored", "from cache"], rows)
+
+
 def preference_section(stats: dict) -> str:
     systems = sorted({s for e in stats["by_lp"].values() for s in e["chosen"] | e["rejected"]})
     rows = []
@@ -126,6 +142,8 @@ def render_report(cfg: RunConfig, run_dir: Path, stages: list[StageResult]) -> s
         ("Prompts over the length limit (empty hypothesis, counted, never cut): " + json.dumps(too_long))
         if too_long
         else "No test prompt exceeded the length limit.",
+        "## Scoring",
+        scoring_section(by_name["score"].counts),
         "## Preference data",
         preference_section(stats),
         "## Training",

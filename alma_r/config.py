@@ -273,6 +273,13 @@ class SelectSection(Section):
         None, description="Metrics averaged into the selection score (default: all)."
     )
     min_margin: float = Field(0.0, ge=0, description="Drop pairs whose chosen-rejected margin is below this.")
+    rejected: Literal["worst", "noise"] = Field(
+        "worst",
+        description="worst: the lowest-scored candidate (ALMA-R); noise: the chosen translation with "
+        "words deleted and swapped (the paper's 'dis-preferred quality matters' baseline).",
+    )
+    noise_delete: float = Field(0.15, ge=0, lt=1, description="noise: probability of deleting each word.")
+    noise_swap: float = Field(0.3, ge=0, lt=1, description="noise: probability of swapping adjacent words.")
 
 
 class LoraConfig(Section):

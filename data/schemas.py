@@ -72,8 +72,8 @@ PAIRS = pa.schema(
         _field("chosen_system", pa.string()),
         _field("rejected_system", pa.string()),
         _field("chosen_score", pa.float64()),
-        _field("rejected_score", pa.float64()),
-        _field("margin", pa.float64()),
+        _field("rejected_score", pa.float64(), required=False),  # null when the rejected side is synthetic
+        _field("margin", pa.float64(), required=False),
     ]
 )
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from alma_r.config import ConfigError, load_config
+from alma_r.published_cli import add_published_parser, run_published_cli
 from alma_r.train_cli import add_train_parser, run_train_cli
 
 
@@ -26,9 +27,12 @@ def main(argv: list[str] | None = None) -> int:
             help="override a config value, e.g. --set train.beta=0.2 (repeatable)",
         )
     add_train_parser(sub)
+    add_published_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "train":
         return run_train_cli(args)
+    if args.command == "published-pairs":
+        return run_published_cli(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -145,7 +145,12 @@ def render_report(cfg: RunConfig, run_dir: Path, stages: list[StageResult]) -> s
         "## Scoring",
         scoring_section(by_name["score"].counts),
         "## Preference data",
-        preference_section(stats),
+        preference_section(stats)
+        + (
+            f"\n\n![margin distribution]({Path(by_name['select'].outputs['margins_plot']).relative_to(run_dir)})"
+            if "margins_plot" in by_name["select"].outputs
+            else ""
+        ),
         "## Training",
         training_section(train.path("metrics"), summary, curves_rel),
         "## Stages",

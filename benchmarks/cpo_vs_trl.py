@@ -53,6 +53,7 @@ TOKENIZER_TEXT = [  # real training text of four ALMA language pairs (human_writ
 ]  # fmt: skip
 DIRECTIONS = [("de", "en"), ("en", "de")]
 MAX_PROMPT_LENGTH, MAX_LENGTH = 256, 512
+QUIET = 0.1  # a step is "quiet" when other processes took under this many CPU s/s while it ran
 
 
 def log(msg: str):
@@ -164,6 +165,11 @@ def machine_busy_seconds() -> float:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def stamp() -> tuple[float, float, float]:
+    """(wall clock, machine busy CPU seconds, this process's CPU seconds), taken at the end of each step."""
+    return time.perf_counter(), machine_busy_seconds(), time.process_time()
+
+
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0), so that the next read is the peak of what follows."""
     try:
@@ -205,12 +211,12 @@ def run_ours(args, model_path: Path, pairs: list[dict], work: Path) -> dict:
     )  # fmt: skip
     recipe = CPORecipe(settings, str(model_path), pairs, work / "ours").setup()
     assert len(recipe.examples) == len(pairs), recipe.skipped
-    ends: list[float] = []
+    ends: list[tuple] = []
     scheduler_step = recipe.scheduler.step
 
     def stamped_step(*a, **kw):  # the scheduler steps right after the optimizer: the end of an optimizer step
         out = scheduler_step(*a, **kw)
-        ends.append(time.perf_counter())
+        ends.append(stamp())
         return out
 
     recipe.scheduler.step = stamped_step
@@ -234,11 +240,11 @@ def run_trl(args, model_path: Path, pairs: list[dict], order: list[list[int]], w
         def _get_train_sampler(self, train_dataset=None):
             return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
-    ends: list[float] = []
+    ends: list[tuple] = []
 
     class Stamp(TrainerCallback):
         def on_step_end(self, *a, **kw):  # after optimizer.step, scheduler.step and zero_grad
-            ends.append(time.perf_counter())
+            ends.append(stamp())
 
     laid_out = [pairs[i] for step in order for i in step]
     ds = Dataset.from_list(
@@ -283,7 +289,7 @@ def run_trl(args, model_path: Path, pairs: list[dict], order: list[list[int]], w
     return result
 
 
-def measure(args, model, train, ends: list[float]) -> dict:
+def measure(args, model, train, ends: list[tuple]) -> dict:
     import resource
 
     import torch
@@ -307,11 +313,17 @@ def measure(args, model, train, ends: list[float]) -> dict:
     cpu1, busy1 = resource.getrusage(resource.RUSAGE_SELF), machine_busy_seconds()
     own_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     train_peak_kb = proc_status_kb("VmHWM")
-    steady = ends[-1] - ends[0] if len(ends) > 1 else float("nan")
+    steady = ends[-1][0] - ends[0][0] if len(ends) > 1 else float("nan")
+    # Steps 2..N: wall seconds, and CPU s/s that other processes took meanwhile (0 on a quiet machine).
+    intervals = list(zip(ends, ends[1:], strict=False))
+    step_seconds = [b[0] - a[0] for a, b in intervals]
+    step_other = [max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0]) for a, b in intervals]
     return {
         "train_seconds": wall,
         "steady_seconds": steady,
-        "step_ends": [e - t0 for e in ends],
+        "step_ends": [e[0] - t0 for e in ends],
+        "step_seconds": step_seconds,
+        "step_other_cpu": step_other,
         "pairs_per_second": (len(ends) - 1) * args.batch_size / steady,
         "pairs_per_second_incl_first": len(ends) * args.batch_size / wall,
         "peak_rss_gb": max(setup_peak_kb, train_peak_kb) / 2**20,
@@ -407,17 +419,48 @@ def spawn(args, engine: str, out: Path, pairs_file: Path) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1")
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # our engine picks CUDA whenever it sees one
-    log(f"running {engine} in a fresh process (1-min load average now {os.getloadavg()[0]:.2f})")
+    if args.wait_quiet:  # a shared machine: start only after `wait_quiet` seconds in which nothing else ran
+        t0 = time.perf_counter()
+        while True:
+            busy0 = machine_busy_seconds()
+            time.sleep(args.wait_quiet)
+            if (machine_busy_seconds() - busy0) / args.wait_quiet < QUIET:
+                break
+        if time.perf_counter() - t0 > args.wait_quiet + 1:
+            log(f"waited {time.perf_counter() - t0:.0f}s for the machine to be quiet")
+    log(f"running {engine} in a fresh process")
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=sys.stderr)  # Trainer prints its logs on stdout
     log(f"{engine}: process finished in {time.perf_counter() - t0:.0f}s")
     return json.loads(out.read_text())
 
 
+def summarise(runs: list[dict], batch_size: int) -> dict:
+    """One engine over its repeats. Steps 2..N of every run train on the same pairs, so each step's fastest
+    time over the repeats is its least disturbed one; pairs/s = pairs of steps 2..N / the sum of those times.
+    Memory is the largest over the repeats (it barely varies); the losses are the same in every run."""
+    n = min(len(r["step_seconds"]) for r in runs)
+    best = [min(range(len(runs)), key=lambda i, k=k: runs[i]["step_seconds"][k]) for k in range(n)]
+    seconds = [runs[i]["step_seconds"][k] for k, i in enumerate(best)]
+    quiet = sum(runs[i]["step_other_cpu"][k] < QUIET for k, i in enumerate(best))
+    first = runs[0]
+    return {
+        **first,
+        "pairs_per_second": n * batch_size / sum(seconds),
+        "quiet_steps": quiet,
+        "timed_steps": n,
+        "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+        "train_peak_rss_gb": max(r["train_peak_rss_gb"] or 0 for r in runs) or None,
+        "rss_before_train_gb": max(r["rss_before_train_gb"] for r in runs),
+        "peak_cuda_gb": max(r["peak_cuda_gb"] for r in runs) if first["peak_cuda_gb"] is not None else None,
+        "mfu": max(r["mfu"] for r in runs) if "mfu" in first else None,
+        "train_seconds": min(r["train_seconds"] for r in runs),
+    }
+
+
 def report(args, ours_runs: list[dict], trl_runs: list[dict], meta: dict, n_pairs: int) -> str:
-    """The table shows each engine's fastest run (best of --repeats: the least disturbed by other work)."""
-    ours = max(ours_runs, key=lambda r: r["pairs_per_second"])
-    trl = max(trl_runs, key=lambda r: r["pairs_per_second"])
+    ours, trl = summarise(ours_runs, args.batch_size), summarise(trl_runs, args.batch_size)
+    cuda = args.device == "cuda"
     size = SIZES[args.model_size]
     lines = [
         f"model: LLaMA {meta['params'] / 1e6:.1f}M parameters (hidden {size['hidden_size']}, "
@@ -425,58 +468,59 @@ def report(args, ours_runs: list[dict], trl_runs: list[dict], meta: dict, n_pair
         f"{size['intermediate_size']}, vocab {meta['vocab']}, untied); LoRA r=16 alpha=32 on "
         f"{args.lora_targets}: {ours['trainable']:,} trainable",
         f"data: {n_pairs} WMT'22 pairs (de-en, en-de), chosen = ALMA-13B-R, rejected = reference; "
-        f"{args.steps} steps x {args.batch_size} pairs, best of {args.repeats} run(s) per engine; device {args.device}, {args.dtype}, "
-        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; torch threads "
-        f"{ours['torch_threads']}",
+        f"{args.steps} steps x {args.batch_size} pairs, {args.repeats} run(s) per engine; device {args.device} "
+        f"({ours['device']}), {args.dtype}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+        f"torch threads {ours['torch_threads']}",
         f"LoRA A init checksum: ours {ours['lora_a_checksum']:.6f}, TRL {trl['lora_a_checksum']:.6f} "
         f"({'identical start' if abs(ours['lora_a_checksum'] - trl['lora_a_checksum']) < 1e-6 else 'different'})",
         "",
-        "| engine | pairs/s | peak RSS GB | final loss | first-step loss | train() peak RSS GB | train() s "
-        "| tokens/step real / padded |" + (" peak CUDA GB | MFU |" if args.device == "cuda" else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.device == "cuda" else ""),
+        "| engine | pairs/s | peak RSS GB | final loss | first-step loss | RSS before train() GB "
+        "| train() peak RSS GB | tokens/step real / padded | quiet steps |"
+        + (" peak CUDA GB | MFU |" if cuda else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
     ]
     for name, r in (("ours (CPORecipe)", ours), ("TRL CPOTrainer", trl)):
         tp = r["train_peak_rss_gb"]
         row = (
             f"| {name} | {r['pairs_per_second']:.2f} | {r['peak_rss_gb']:.2f} | {r['losses'][-1]:.4f} "
-            f"| {r['losses'][0]:.4f} | {'n/a' if tp is None else f'{tp:.2f}'} | {r['train_seconds']:.1f} "
-            f"| {r['real_tokens_per_step']:.0f} / {r['padded_tokens_per_step']:.0f} |"
+            f"| {r['losses'][0]:.4f} | {r['rss_before_train_gb']:.2f} | {'n/a' if tp is None else f'{tp:.2f}'} "
+            f"| {r['real_tokens_per_step']:.0f} / {r['padded_tokens_per_step']:.0f} "
+            f"| {r['quiet_steps']}/{r['timed_steps']} |"
         )
-        if args.device == "cuda":
-            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+        if cuda:
+            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             row += f" {r['peak_cuda_gb']:.2f} | {mfu} |"
         lines.append(row)
     speed = ours["pairs_per_second"] / trl["pairs_per_second"]
     mem = ours["peak_rss_gb"] / trl["peak_rss_gb"]
+    extra = []
+    if ours["train_peak_rss_gb"] and trl["train_peak_rss_gb"]:
+        extra.append(f"train() peak RSS x{ours['train_peak_rss_gb'] / trl['train_peak_rss_gb']:.2f}")
+    if cuda:
+        extra.append(f"peak CUDA x{ours['peak_cuda_gb'] / trl['peak_cuda_gb']:.2f}")
     lines += [
         "",
         f"ours/TRL: pairs/s x{speed:.2f} (target >= 1.5: {'met' if speed >= 1.5 else 'NOT met'}), "
         f"peak RSS x{mem:.2f} (target <= 0.7: {'met' if mem <= 0.7 else 'NOT met'})"
-        + (
-            f", train() peak RSS x{ours['train_peak_rss_gb'] / trl['train_peak_rss_gb']:.2f}"
-            if ours["train_peak_rss_gb"] and trl["train_peak_rss_gb"]
-            else ""
-        )
-        + (f", peak CUDA x{ours['peak_cuda_gb'] / trl['peak_cuda_gb']:.2f}" if args.device == "cuda" else ""),
-        "runs (pairs/s; CPU s/s of the engine in train(); CPU s/s of other processes meanwhile): "
+        + "".join(f", {e}" for e in extra),
+        "per run (whole-run pairs/s over steps 2..N, CPU s/s of other processes meanwhile, train() seconds): "
         + "; ".join(
-            f"{name} {r['pairs_per_second']:.2f}, {r['cpu_utilisation']:.2f}, {r['other_cpu']:.2f}"
+            f"{name} {r['pairs_per_second']:.2f} / {r['other_cpu']:.2f} / {r['train_seconds']:.1f}s"
             for name, rs in (("ours", ours_runs), ("TRL", trl_runs))
             for r in rs
         ),
-        f"pairs/s including the first step: ours {ours['pairs_per_second_incl_first']:.2f}, "
-        f"TRL {trl['pairs_per_second_incl_first']:.2f} (x{ours['pairs_per_second_incl_first'] / trl['pairs_per_second_incl_first']:.2f})",
         "",
         "| step | ours loss | TRL loss | difference |",
         "|---:|---:|---:|---:|",
     ]
     for k, (a, b) in enumerate(zip(ours["losses"], trl["losses"], strict=False), start=1):
         lines.append(f"| {k} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
-    busy = max(ours["other_cpu"], trl["other_cpu"])
-    if busy > 0.1 and args.device == "cpu":
+    disturbed = [f"{n}: {r['quiet_steps']}/{r['timed_steps']}" for n, r in (("ours", ours), ("TRL", trl))
+                 if r["quiet_steps"] < r["timed_steps"]]  # fmt: skip
+    if disturbed and not cuda:
         lines.append(
-            f"\nWARNING: other processes took up to {busy:.2f} CPU s/s while a shown run trained: its timing "
-            "is disturbed (rerun on a quiet machine, or with more --repeats)."
+            f"\nWARNING: other processes used the CPU during some of the fastest steps (quiet steps {', '.join(disturbed)}): "
+            "the timings are disturbed; rerun on a quiet machine or with more --repeats."
         )
     return "\n".join(lines)
 
@@ -494,7 +538,10 @@ def main():
     p.add_argument("--lora-targets", default="down_proj", help="comma-separated; ALMA-R's choice by default")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
-        "--repeats", type=int, default=1, help="runs per engine, alternating; the fastest is shown"
+        "--repeats", type=int, default=1, help="runs per engine, alternating; each step's fastest time counts"
+    )
+    p.add_argument(
+        "--wait-quiet", type=float, default=0, help="seconds of idle machine to wait for before each run"
     )
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak (dense, this dtype) for MFU")
     p.add_argument(

@@ -24,7 +24,15 @@ from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.prompts import make_prompt, postprocess
 from alma_r.models.tiny import build_tiny_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "alma" / "outputs" / "wmt22_outputs" / "wmt-testset"
+SHARED = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "alma"
+    / "outputs"
+    / "wmt22_outputs"
+    / "wmt-testset"
+)
 
 
 def sources(n: int) -> list[tuple[str, str, str]]:
@@ -37,23 +45,41 @@ def sources(n: int) -> list[tuple[str, str, str]]:
 
 
 @torch.inference_mode()
-def alma_way(model, tokenizer, prompts: list[str], decoding: Decoding, batch_size: int, max_source_length: int):
+def alma_way(
+    model, tokenizer, prompts: list[str], decoding: Decoding, batch_size: int, max_source_length: int
+):
     """Every prompt left-padded to max_source_length, batches in file order (ALMA's run_llmmt.py)."""
     tokenizer.padding_side = "left"
     out = []
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start:start + batch_size], add_special_tokens=False, padding="max_length",
-                        return_token_type_ids=False,
-                        max_length=max_source_length, truncation=True, return_tensors="pt").to(model.device)
-        gen = model.generate(**enc, num_beams=decoding.num_beams, max_new_tokens=decoding.max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out += [postprocess(t) for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
-                                                              skip_special_tokens=True)]
+        enc = tokenizer(
+            prompts[start : start + batch_size],
+            add_special_tokens=False,
+            padding="max_length",
+            return_token_type_ids=False,
+            max_length=max_source_length,
+            truncation=True,
+            return_tensors="pt",
+        ).to(model.device)
+        gen = model.generate(
+            **enc,
+            num_beams=decoding.num_beams,
+            max_new_tokens=decoding.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        out += [
+            postprocess(t)
+            for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sources", type=int, default=500)
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -65,9 +91,17 @@ def main() -> None:
     data = sources(args.sources)
     prompts = [make_prompt(s, a, b) for s, a, b in data]
     tmp = Path(tempfile.mkdtemp(prefix="alma-r-gen-bench-"))
-    model_dir = build_tiny_model([s for s, _, _ in data], tmp / "model", vocab_size=4096, hidden_size=256,
-                                 num_hidden_layers=4, num_attention_heads=4, intermediate_size=688,
-                                 max_position_embeddings=1024, seed=0)
+    model_dir = build_tiny_model(
+        [s for s, _, _ in data],
+        tmp / "model",
+        vocab_size=4096,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=688,
+        max_position_embeddings=1024,
+        seed=0,
+    )
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), device=args.device)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
@@ -84,13 +118,19 @@ def main() -> None:
     alma_s = time.perf_counter() - t0
     same = sum(a == b for a, b in zip(ours, theirs, strict=True))
 
-    print(f"{len(prompts)} WMT'22 prompts (de->en, en->de; prompt tokens mean {sum(lengths) / len(lengths):.0f}, "
-          f"max {max(lengths)}), beam {args.beams}, max {args.max_new_tokens} new tokens, batch {args.batch_size}, "
-          f"tiny LLaMA {params / 1e6:.1f}M params on {args.device}\n")
+    print(
+        f"{len(prompts)} WMT'22 prompts (de->en, en->de; prompt tokens mean {sum(lengths) / len(lengths):.0f}, "
+        f"max {max(lengths)}), beam {args.beams}, max {args.max_new_tokens} new tokens, batch {args.batch_size}, "
+        f"tiny LLaMA {params / 1e6:.1f}M params on {args.device}\n"
+    )
     print("| backend | seconds | sentences/s |")
     print("|---|---|---|")
-    print(f"| ALMA's way (pad to {args.max_source_length}, file order) | {alma_s:.1f} | {len(prompts) / alma_s:.2f} |")
-    print(f"| alma-r transformers (length-sorted, pad per batch) | {ours_s:.1f} | {len(prompts) / ours_s:.2f} |")
+    print(
+        f"| ALMA's way (pad to {args.max_source_length}, file order) | {alma_s:.1f} | {len(prompts) / alma_s:.2f} |"
+    )
+    print(
+        f"| alma-r transformers (length-sorted, pad per batch) | {ours_s:.1f} | {len(prompts) / ours_s:.2f} |"
+    )
     print(f"\nspeed-up: {alma_s / ours_s:.2f}x; identical outputs: {same}/{len(prompts)}")
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from alma_r.config import SAMPLE_DIR
 from alma_r.models.comet_scorer import CometScorer
 from alma_r.models.score_cache import ScoreCache
-from alma_r.tasks.score import score_items
+from alma_r.models.scoring import score_items
 
 
 def candidate_set(n: int, seed: int = 0) -> list[tuple[dict, str, str, list[str]]]:

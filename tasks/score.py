@@ -7,50 +7,20 @@ runs, stages and reruns; the stage reports how many were scored and how many cam
 
 from __future__ import annotations
 
-import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from alma_r.config import RunConfig, config_base_dir, resolve_path
+from alma_r.config import RunConfig
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.schemas import CANDIDATES, SCORES, SEGMENTS
-from alma_r.models.score_cache import ScoreCache, score_key
-from alma_r.models.scorers import ConsensusScorer, SacrebleuScorer
+from alma_r.models.score_cache import ScoreCache
+from alma_r.models.scoring import ScoringError, cache_path_for, make_scorer, score_items
 from alma_r.tasks.stage import StageResult, run_stage, stage_key
 
 REFERENCE = "reference"
-
-
-class ScoringError(ValueError):
-    """Scores that cannot be trusted; the message names the segments, systems and metric."""
-
-
-def comet_model_path(value: str, base_dir: Path) -> str:
-    """A local checkpoint path resolved against the config's folder; anything else is a hub id."""
-    path = resolve_path(value, base_dir)
-    return str(path) if value.startswith("sample:") or path.exists() else value
-
-
-def make_scorer(cfg: RunConfig, metric: str, tgt_lang: str):
-    if metric in ("chrf", "bleu"):
-        return SacrebleuScorer(metric, tgt_lang)
-    if metric == "consensus_chrf":
-        return ConsensusScorer()
-    import torch
-
-    from alma_r.models.comet_scorer import CometScorer
-    from alma_r.models.comet_workers import ShardedCometScorer
-
-    spec = cfg.score.comet_models[metric]
-    model = comet_model_path(spec.model, config_base_dir(cfg))
-    processes = cfg.score.processes or max(torch.cuda.device_count(), 1)
-    if processes > 1:  # one worker process per GPU, each on its own shard
-        return ShardedCometScorer(model, processes, batch_size=cfg.score.batch_size, reference=spec.reference)
-    return CometScorer(model, batch_size=cfg.score.batch_size, reference=spec.reference)
 
 
 def check_coverage(candidates: list[dict], segments: dict[str, dict], where: str) -> None:
@@ -69,56 +39,6 @@ def check_coverage(candidates: list[dict], segments: dict[str, dict], where: str
                 f"{where}: system '{system}' has no candidate for {len(missing)} segment(s) the "
                 f"others cover, e.g. {missing[:3]}"
             )
-
-
-def score_items(
-    scorer, metric: str, items: list[tuple[dict, str, str, list[str]]], cache: ScoreCache, counts: dict
-) -> list[dict]:
-    """Score (segment, system, text, other candidates) items, each distinct request once; rows for SCORES."""
-    requests, keys = {}, []
-    for seg, _system, text, others in items:
-        request = {"src": seg["src"], "mt": text}
-        if scorer.uses_reference:
-            request["ref"] = seg["ref"]
-        context = None
-        if isinstance(scorer, ConsensusScorer):
-            request["pseudo_refs"] = sorted(others)
-            context = request["pseudo_refs"]
-        key = score_key(scorer.model_id, request["src"], text, request.get("ref"), context)
-        keys.append(key)
-        requests.setdefault(key, request)
-    cached = cache.get_many(list(requests))
-    todo = [k for k in requests if k not in cached]
-    fresh = dict(zip(todo, scorer.score([requests[k] for k in todo]), strict=True)) if todo else {}
-    for key, result in fresh.items():
-        if not math.isfinite(result.score):
-            bad = [
-                (seg["id"], system) for (seg, system, _, _), k in zip(items, keys, strict=True) if k == key
-            ]
-            raise ScoringError(
-                f"metric '{metric}' ({scorer.model_id}) gave {result.score} for segment/system {bad[:3]}"
-            )
-    cache.put_many({k: (r.score, r.error_spans) for k, r in fresh.items()})
-    counts[f"{metric}/requests"] = counts.get(f"{metric}/requests", 0) + len(items)
-    counts[f"{metric}/distinct"] = counts.get(f"{metric}/distinct", 0) + len(requests)
-    counts[f"{metric}/from_cache"] = counts.get(f"{metric}/from_cache", 0) + len(cached)
-    counts[f"{metric}/scored"] = counts.get(f"{metric}/scored", 0) + len(fresh)
-    rows = []
-    for (seg, system, text, _), key in zip(items, keys, strict=True):
-        score, spans = (fresh[key].score, fresh[key].error_spans) if key in fresh else cached[key]
-        rows.append(
-            {
-                "segment_id": seg["id"],
-                "lp": seg["lp"],
-                "system": system,
-                "metric": metric,
-                "model_id": scorer.model_id,
-                "score": float(score),
-                "error_spans": json.dumps(spans, ensure_ascii=False) if spans is not None else None,
-                "flag": None if text.strip() else "empty_hypothesis",
-            }
-        )
-    return rows
 
 
 def run_score(
@@ -154,14 +74,6 @@ def run_score(
             rows += score_items(scorers[which], metric, items, cache, counts)
         outputs[f"scores/{metric}"] = write_table(rows, out_dir / "scores" / f"{metric}.parquet", SCORES)
     return outputs, counts
-
-
-def cache_path_for(cfg: RunConfig) -> Path:
-    return (
-        Path(cfg.score.cache_path).expanduser()
-        if cfg.score.cache_path
-        else (Path(cfg.run.root) / "_cache" / "scores.sqlite").resolve()
-    )
 
 
 @task(name="score", cache_policy=NO_CACHE)

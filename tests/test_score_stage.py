@@ -14,7 +14,8 @@ from alma_r.data.schemas import CANDIDATES, SCORES, SEGMENTS
 from alma_r.models import scorers
 from alma_r.models.score_cache import ScoreCache, score_key
 from alma_r.models.scorers import SegmentScore
-from alma_r.tasks.score import ScoringError, run_score
+from alma_r.models.scoring import ScoringError
+from alma_r.tasks.score import run_score
 
 SEGS = [
     {

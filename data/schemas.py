@@ -97,6 +97,7 @@ EVAL_RESULTS = pa.schema(
         _field("score", pa.float64()),
         _field("signature", pa.string()),  # sacrebleu signature, or COMET model id
         _field("n_segments", pa.int64()),
+        _field("p_value", pa.float64(), required=False),  # paired bootstrap vs the baseline; null for it
     ]
 )
 

@@ -95,12 +95,21 @@ def _check_python(python: str) -> None:
 
 
 def run_worker(
-    python: str, request: dict, timeout: float | None = None, log_path: Path | None = None
+    python: str,
+    request: dict,
+    timeout: float | None = None,
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> list[dict]:
-    """Run the worker on one request; its output lines (one per job), in job order."""
+    """Run the worker on one request; its output lines (one per job), in job order.
+
+    `env` adds variables to the worker's environment (e.g. VLLM_CACHE_ROOT, OMP_NUM_THREADS); the worker's
+    log (vLLM's own) goes to `log_path` when given, and its tail into the error when the worker fails.
+    """
     _check_python(python)
-    env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    worker_env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
+    worker_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    worker_env.update(env or {})
     with tempfile.TemporaryDirectory(prefix="alma-r-vllm-") as tmp:
         req_path, out_path = Path(tmp) / "request.json", Path(tmp) / "outputs.jsonl"
         req_path.write_text(json.dumps(request), encoding="utf-8")
@@ -111,7 +120,7 @@ def run_worker(
         with open(log, "w", encoding="utf-8") as fh:
             try:
                 proc = subprocess.run(
-                    cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False
+                    cmd, stdout=fh, stderr=subprocess.STDOUT, env=worker_env, timeout=timeout, check=False
                 )
             except subprocess.TimeoutExpired as exc:
                 raise RuntimeError(f"the vLLM worker ran past {timeout}s; its log: {log}") from exc
@@ -147,11 +156,15 @@ def generate_jobs_with_vllm(
     trust_remote_code: bool = False,
     timeout: float | None = None,
     log_path: Path | None = None,
+    env: dict[str, str] | None = None,
     raw: bool = False,
 ) -> list[list[list[str] | None]]:
     """Per job, per prompt: its n post-processed translations, or None for a prompt over `max_prompt_tokens`.
 
-    One engine start serves every job. `raw=True` returns the decoded texts before ALMA's post-processing.
+    One engine start serves every job. `max_model_len` defaults to `max_prompt_tokens` plus the largest
+    `max_new_tokens`: every kept prompt fits with its whole generation, and the engine sizes its batches and
+    KV cache for that rather than for the model's full context. `raw=True` returns the decoded texts before
+    ALMA's post-processing.
     """
     _check_python(python)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -163,13 +176,14 @@ def generate_jobs_with_vllm(
         "dtype": dtype,
         "seed": jobs[0].seed if jobs else 0,
         "tensor_parallel_size": tensor_parallel_size,
-        "max_model_len": max_model_len,
+        "max_model_len": max_model_len
+        or max_prompt_tokens + max((job.decoding.max_new_tokens for job in jobs), default=0),
         "kv_cache_memory_bytes": kv_cache_memory_bytes,
         "trust_remote_code": trust_remote_code,
         "engine_args": engine_args or {},
         "jobs": [_job_spec(job, ids, todo) for job in jobs],
     }
-    lines = run_worker(python, request, timeout=timeout, log_path=log_path)
+    lines = run_worker(python, request, timeout=timeout, log_path=log_path, env=env)
     results: list[list[list[str] | None]] = []
     for job, line in zip(jobs, lines, strict=True):
         per_prompt: list[list[str] | None] = [None] * len(prompts)

@@ -12,11 +12,14 @@ from prefect.cache_policies import NO_CACHE
 from alma_r.config import RunConfig, config_base_dir, resolve_path
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.readers import IngestError, read_lines
-from alma_r.data.schemas import EVAL_RESULTS, HYPOTHESES, SEGMENTS
+from alma_r.data.schemas import EVAL_RESULTS, HYPOTHESES, SCORES, SEGMENTS
 from alma_r.models.generation import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer, pick_device
 from alma_r.models.prompts import make_prompt
-from alma_r.models.scorers import corpus_score
+from alma_r.models.score_cache import ScoreCache
+from alma_r.models.scorers import corpus_score, sentence_scores
+from alma_r.models.scoring import cache_path_for, make_scorer, score_items
+from alma_r.models.significance import sacrebleu_paired_bs, segment_paired_bs
 from alma_r.tasks.stage import StageResult, run_stage, stage_key
 
 METRICS = ("bleu", "chrf")
@@ -25,7 +28,7 @@ METRICS = ("bleu", "chrf")
 def translate_test_sets(
     cfg: RunConfig, tests: list[dict], model_path: str, adapter: str | None, name: str
 ) -> tuple[list[str], int]:
-    """Hypotheses in `tests` order; a prompt over the limit gets an empty hypothesis and is counted."""
+    """Hypotheses in `tests` order; a prompt over its direction's limit gets an empty hypothesis and is counted."""
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     model = load_model(
         model_path,
@@ -35,17 +38,26 @@ def translate_test_sets(
         device=pick_device(),
     )
     e = cfg.evaluate
-    prompts = [make_prompt(r["src"], r["src_lang"], r["tgt_lang"]) for r in tests]
-    hyps = generate_translations(
-        model,
-        tokenizer,
-        prompts,
-        Decoding(num_beams=e.num_beams, max_new_tokens=e.max_new_tokens),
-        e.batch_size,
-        e.max_prompt_tokens,
-        seed=cfg.run.seed,
-        desc=f"evaluate {name}",
-    )
+    decoding = Decoding(num_beams=e.num_beams, max_new_tokens=e.max_new_tokens)
+    hyps: list[str | None] = [None] * len(tests)
+    by_lp: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(tests):
+        by_lp[r["lp"]].append(i)
+    for lp, idx in by_lp.items():
+        prompts = [make_prompt(tests[i]["src"], tests[i]["src_lang"], tests[i]["tgt_lang"]) for i in idx]
+        limit = e.max_prompt_tokens_by_lp.get(lp, e.max_prompt_tokens)
+        outs = generate_translations(
+            model,
+            tokenizer,
+            prompts,
+            decoding,
+            e.batch_size,
+            limit,
+            seed=cfg.run.seed,
+            desc=f"evaluate {name} {lp}",
+        )
+        for i, out in zip(idx, outs, strict=True):
+            hyps[i] = out
     return [h if h is not None else "" for h in hyps], sum(h is None for h in hyps)
 
 
@@ -69,20 +81,37 @@ def imported_hypotheses(cfg: RunConfig, tests: list[dict]) -> dict[str, list[str
     return out
 
 
-def score_systems(tests: list[dict], systems: dict[str, list[str | None]]) -> tuple[list[dict], list[dict]]:
-    """Corpus BLEU and chrF (sacreBLEU, with signatures) per system, test set and direction; and the
-    hypothesis rows. A system that does not cover a whole test set and direction is left out of it."""
+def score_systems(
+    tests: list[dict],
+    systems: dict[str, list[str | None]],
+    comet: dict | None = None,
+    bootstrap_samples: int = 0,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per system, test set and direction: corpus BLEU and chrF (sacreBLEU, with signatures) and the mean of each
+    COMET metric's segment scores x 100, with paired-bootstrap p-values against `baseline`. Returns (results,
+    hypothesis rows, segment score rows). A system not covering a whole test set and direction is left out of it.
+
+    comet: {metric: (scorer, cache)} for segment-level metrics.
+    """
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, r in enumerate(tests):
         groups[(r["origin"], r["lp"])].append(i)
-    results, hyp_rows = [], []
-    for system, hyps in systems.items():
-        for (test_set, lp), idx in sorted(groups.items()):
-            if any(hyps[i] is None for i in idx):
-                continue
-            sys_hyps, refs = [hyps[i] for i in idx], [tests[i]["ref"] for i in idx]
+    results, hyp_rows, segment_rows = [], [], []
+    for (test_set, lp), idx in sorted(groups.items()):
+        covering = {
+            name: [hyps[i] for i in idx]
+            for name, hyps in systems.items()
+            if all(hyps[i] is not None for i in idx)
+        }
+        refs, tgt_lang = [tests[i]["ref"] for i in idx], tests[idx[0]]["tgt_lang"]
+        others = {n: h for n, h in covering.items() if n != "baseline"}
+        p_values = {}
+        if bootstrap_samples and "baseline" in covering:
+            p_values = sacrebleu_paired_bs(covering["baseline"], others, refs, tgt_lang, bootstrap_samples)
+        chrf_signature = None
+        for system, sys_hyps in covering.items():
             for metric in METRICS:
-                score, signature = corpus_score(metric, sys_hyps, refs, tgt_lang=tests[idx[0]]["tgt_lang"])
+                score, signature = corpus_score(metric, sys_hyps, refs, tgt_lang=tgt_lang)
                 results.append(
                     {
                         "test_set": test_set,
@@ -92,19 +121,57 @@ def score_systems(tests: list[dict], systems: dict[str, list[str | None]]) -> tu
                         "score": score,
                         "signature": signature,
                         "n_segments": len(idx),
+                        "p_value": p_values.get((system, metric)),
                     }
                 )
+            chrf_values, chrf_signature = sentence_scores("chrf", sys_hyps, refs, tgt_lang)
+            segment_rows += [
+                {
+                    "segment_id": tests[i]["id"],
+                    "lp": lp,
+                    "system": system,
+                    "metric": "chrf",
+                    "model_id": chrf_signature,
+                    "score": v,
+                    "error_spans": None,
+                    "flag": None if h.strip() else "empty_hypothesis",
+                }
+                for i, h, v in zip(idx, sys_hyps, chrf_values, strict=True)
+            ]
             hyp_rows += [
                 {
                     "segment_id": tests[i]["id"],
                     "test_set": test_set,
                     "lp": lp,
                     "system": system,
-                    "hypothesis": hyps[i],
+                    "hypothesis": h,
                 }
-                for i in idx
+                for i, h in zip(idx, sys_hyps, strict=True)
             ]
-    return results, hyp_rows
+        for metric, (scorer, cache) in (comet or {}).items():
+            per_system = {}
+            for system, sys_hyps in covering.items():
+                items = [(tests[i], system, h, []) for i, h in zip(idx, sys_hyps, strict=True)]
+                rows = score_items(scorer, metric, items, cache, {})
+                segment_rows += rows
+                per_system[system] = [r["score"] for r in rows]
+            for system, values in per_system.items():
+                p = None
+                if bootstrap_samples and system != "baseline" and "baseline" in per_system:
+                    p = segment_paired_bs(per_system["baseline"], values, bootstrap_samples)
+                results.append(
+                    {
+                        "test_set": test_set,
+                        "lp": lp,
+                        "system": system,
+                        "metric": metric,
+                        "score": 100 * sum(values) / len(values),
+                        "signature": scorer.signature,
+                        "n_segments": len(idx),
+                        "p_value": p,
+                    }
+                )
+    return results, hyp_rows, segment_rows
 
 
 def run_evaluate(
@@ -125,11 +192,14 @@ def run_evaluate(
         systems[name], too_long = translate_test_sets(cfg, tests, model, adapter, name)
         counts[f"{name}/prompt_too_long"] = too_long
     systems.update(imported_hypotheses(cfg, tests))
-
-    results, hyp_rows = score_systems(tests, systems)
+    cache = ScoreCache(cache_path_for(cfg))
+    comet = {m: (make_scorer(cfg, m, ""), cache) for m in cfg.evaluate.metrics if m not in METRICS}
+    results, hyp_rows, segment_rows = score_systems(tests, systems, comet, cfg.evaluate.bootstrap_samples)
+    results = [r for r in results if r["metric"] in cfg.evaluate.metrics]
     outputs = {
         "eval": write_table(results, out_dir / "eval.parquet", EVAL_RESULTS),
         "hypotheses": write_table(hyp_rows, out_dir / "hypotheses.parquet", HYPOTHESES),
+        "segment_scores": write_table(segment_rows, out_dir / "segment_scores.parquet", SCORES),
     }
     return outputs, {**counts, "results": len(results)}
 

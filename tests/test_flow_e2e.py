@@ -94,3 +94,31 @@ def test_report_lists_both_directions_and_signatures(finished_run):
 def test_second_run_did_not_retrain(finished_run):
     run_dir, _, _, _, adapter_mtime = finished_run
     assert (run_dir / "train" / "adapter").stat().st_mtime == adapter_mtime
+
+
+def test_report_html_plots_and_model_card(finished_run):
+    import struct
+
+    run_dir, *_ = finished_run
+    report = run_dir / "report"
+    plots = sorted(report.glob("*.png"))
+    assert {p.name for p in plots} >= {"bars_bleu.png", "bars_chrf.png", "distribution_chrf.png"}
+    for png in plots:
+        head = png.read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", head[16:24])
+        assert width >= 300 and height >= 200, png.name
+    page = (report / "report.html").read_text()
+    assert "<table>" in page and page.count("data:image/png;base64,") >= len(plots) + 1  # + training curves
+    for attribute in ("src=", "href="):
+        for value in page.split(attribute)[1:]:
+            assert not value.lstrip("\"'").startswith(("http:", "https:", "//")), value[:80]
+    assert "<link" not in page and "<script" not in page
+    card = (report / "model" / "README.md").read_text()
+    assert (
+        card.startswith("---\nlibrary_name: peft\n")
+        and "## Evaluation" in card
+        and "## Data provenance" in card
+    )
+    assert (report / "model" / "adapter_model.safetensors").is_file()
+    assert "†" in (run_dir / "report.md").read_text() or "p < 0.05" in (run_dir / "report.md").read_text()

@@ -53,10 +53,36 @@ def test_published_alma_13b_r_scores_equal_sacrebleu_cli(lp):
     tests = read_aligned_text(src_file, ref_file, lp, [lp], "test", origin="wmt22")
     hyps = read_lines(hyp_file)
     assert len(hyps) == len(tests)
-    results, _ = score_systems(tests, {"ALMA-13B-R": hyps})
+    results, _, _ = score_systems(tests, {"ALMA-13B-R": hyps})
     ours = {r["metric"]: r for r in results}
     tokenize = "zh" if tgt == "zh" else "13a"
     expected = cli(ref_file, hyp_file, tokenize)
     assert (round(ours["bleu"]["score"], 2), round(ours["chrf"]["score"], 2)) == expected
     assert expected == README[lp]
     assert f"tok:{tokenize}" in ours["bleu"]["signature"] and "nc:6" in ours["chrf"]["signature"]
+
+
+def test_report_table_lists_published_scores_and_signatures():
+    from alma_r.tasks.report import results_section
+
+    results = []
+    for lp in sorted(README):
+        src, tgt = lp.split("-")
+        folder = f"{src}{tgt}"
+        tests = read_aligned_text(
+            SHARED / "wmt-testset" / folder / f"test.{src}-{tgt}.{src}",
+            SHARED / "wmt-testset" / folder / f"test.{src}-{tgt}.{tgt}",
+            lp,
+            [lp],
+            "test",
+            origin="wmt22",
+        )
+        hyps = read_lines(SHARED / "ALMA-13B-R" / folder / f"test.{src}-{tgt}.{tgt}")
+        results += score_systems(tests, {"ALMA-13B-R": hyps})[0]
+    section = results_section(results)
+    bleu_table = section.split("### wmt22: BLEU")[1].split("###")[0]
+    chrf_table = section.split("### wmt22: chrF")[1].split("###")[0]
+    for lp, (bleu, chrf) in README.items():
+        assert f"{lp} (n=" in bleu_table
+        assert f"{bleu:.2f}" in bleu_table and f"{chrf:.2f}" in chrf_table, lp
+    assert "tok:zh" in section and "tok:13a" in section and "nc:6" in section

@@ -7,6 +7,7 @@ import json
 import sys
 
 from alma_r.config import ConfigError, load_config
+from alma_r.evaluate_cli import add_evaluate_parser, run_evaluate_cli
 from alma_r.published_cli import add_published_parser, run_published_cli
 from alma_r.train_cli import add_train_parser, run_train_cli
 
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     add_train_parser(sub)
     add_published_parser(sub)
+    add_evaluate_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        return run_evaluate_cli(args)
     if args.command == "train":
         return run_train_cli(args)
     if args.command == "published-pairs":

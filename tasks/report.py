@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alma_r.config import RunConfig
-from alma_r.data.io import read_rows, write_text_atomic
+from alma_r.data.io import read_rows, save_figure_atomic, write_text_atomic
 from alma_r.data.schemas import EVAL_RESULTS, SCORES
 from alma_r.models.cpo_trainer import save_dir_atomic
 from alma_r.tasks.stage import StageResult, run_stage, stage_key
@@ -122,8 +122,7 @@ def plot_results(results: list[dict], segment_scores: list[dict], out_dir: Path)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        paths.append(_save(fig, out_dir / f"bars_{metric}.png"))
-        plt.close(fig)
+        paths.append(save_figure_atomic(fig, out_dir / f"bars_{metric}.png"))
     chrf = [r for r in segment_scores if r["metric"] == "chrf"]
     if chrf:
         fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -133,16 +132,8 @@ def plot_results(results: list[dict], segment_scores: list[dict], out_dir: Path)
         ax.set_ylabel("segments")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        paths.append(_save(fig, out_dir / "distribution_chrf.png"))
-        plt.close(fig)
+        paths.append(save_figure_atomic(fig, out_dir / "distribution_chrf.png"))
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    tmp.replace(path)
-    return path
 
 
 def scoring_section(counts: dict) -> str:

@@ -18,7 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alma_r.config import RunConfig
-from alma_r.data.io import read_rows, write_json_atomic, write_table
+from alma_r.data.io import read_rows, save_figure_atomic, write_json_atomic, write_table
 from alma_r.data.schemas import CANDIDATES, DROPPED, PAIRS, SCORES, SEGMENTS
 from alma_r.models.prompts import make_prompt
 from alma_r.tasks.stage import StageResult, run_stage, stage_key
@@ -167,11 +167,7 @@ def plot_margins(pairs: list[dict], out_path: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out_path)
-    return out_path
+    return save_figure_atomic(fig, out_path)
 
 
 def run_select(

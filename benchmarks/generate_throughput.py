@@ -1,6 +1,6 @@
 """Generation throughput: alma-r's transformers backend vs ALMA's way, on the same model and prompts.
 
-    .venv/bin/python benchmarks/generate_throughput.py [--sources 500] [--beams 5] [--max-new-tokens 32]
+    .venv/bin/python benchmarks/generate_throughput.py [--sources 500] [--beams 5] [--max-new-tokens 24]
 
 ALMA's evaluation (run_llmmt.py) tokenises every prompt padded to `max_source_length` (256) and decodes fixed
 batches in file order. alma-r sorts prompts by length (longest first) and pads each batch only to its own longest
@@ -82,7 +82,7 @@ def main() -> None:
     )
     parser.add_argument("--sources", type=int, default=500)
     parser.add_argument("--beams", type=int, default=5)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-source-length", type=int, default=256)
     parser.add_argument("--device", default="cpu")
@@ -95,10 +95,10 @@ def main() -> None:
         [s for s, _, _ in data],
         tmp / "model",
         vocab_size=4096,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=688,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
         max_position_embeddings=1024,
         seed=0,
     )
@@ -113,6 +113,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ours = generate_translations(model, tokenizer, prompts, decoding, args.batch_size, args.max_source_length)
     ours_s = time.perf_counter() - t0
+    print(f"alma-r backend: {ours_s:.1f} s", flush=True)
     t0 = time.perf_counter()
     theirs = alma_way(model, tokenizer, prompts, decoding, args.batch_size, args.max_source_length)
     alma_s = time.perf_counter() - t0

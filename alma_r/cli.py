@@ -8,6 +8,7 @@ import sys
 
 from alma_r.config import ConfigError, load_config
 from alma_r.evaluate_cli import add_evaluate_parser, run_evaluate_cli
+from alma_r.learning_check_cli import add_learning_check_parser
 from alma_r.published_cli import add_published_parser, run_published_cli
 from alma_r.train_cli import add_train_parser, run_train_cli
 
@@ -30,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     add_train_parser(sub)
     add_published_parser(sub)
     add_evaluate_parser(sub)
+    add_learning_check_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "learning-check":
+        return args.handler(args)
     if args.command == "evaluate":
         return run_evaluate_cli(args)
     if args.command == "train":

@@ -1,4 +1,5 @@
-"""Translations from an OpenAI-compatible HTTP endpoint (GPT-4, or a `vllm serve` server): chat or completions.
+"""Translations (or any completions) from an OpenAI-compatible HTTP endpoint (GPT-4, or a `vllm serve` server):
+chat or completions.
 
 Bounded concurrency, retries with exponential backoff on 429/5xx and connection errors (honouring Retry-After),
 and a disk cache keyed by the request, so that a rerun or a crash never pays for the same request twice. The
@@ -72,11 +73,19 @@ class RequestCache:
 
 
 def request_body(
-    cfg: EndpointConfig, prompt: str, max_tokens: int, temperature: float, top_p: float, seed: int | None
+    cfg: EndpointConfig,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    extra: dict | None = None,
 ) -> dict:
     body = {"model": cfg.model, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
     if seed is not None:
         body["seed"] = seed
+    if extra:  # further API parameters (e.g. logit_bias); part of the body, hence of the cache key
+        body.update(extra)
     if cfg.api == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -120,7 +129,7 @@ async def _post(
     raise AssertionError("unreachable")
 
 
-async def _translate_all(
+async def _complete_all(
     cfg: EndpointConfig, bodies: list[dict], cache: RequestCache, stats: dict
 ) -> list[str]:
     key = api_key(cfg)
@@ -148,6 +157,28 @@ async def _translate_all(
     return results
 
 
+def complete_via_endpoint(
+    cfg: EndpointConfig,
+    prompts: list[str],
+    cache_path: Path,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    extra: dict | None = None,
+) -> tuple[list[str], dict]:
+    """The raw completion text of each prompt, in order, and request statistics
+    (requests sent, retries, answered from the cache)."""
+    bodies = [request_body(cfg, p, max_tokens, temperature, top_p, seed, extra) for p in prompts]
+    stats = {"requests": 0, "retries": 0, "cached": 0}
+    cache = RequestCache(cache_path)
+    try:
+        texts = asyncio.run(_complete_all(cfg, bodies, cache, stats))
+    finally:
+        cache.close()
+    return texts, stats
+
+
 def translate_via_endpoint(
     cfg: EndpointConfig,
     prompts: list[str],
@@ -159,11 +190,5 @@ def translate_via_endpoint(
 ) -> tuple[list[str], dict]:
     """ALMA-post-processed translations, one per prompt, and request statistics
     (requests sent, retries, answered from the cache)."""
-    bodies = [request_body(cfg, p, max_tokens, temperature, top_p, seed) for p in prompts]
-    stats = {"requests": 0, "retries": 0, "cached": 0}
-    cache = RequestCache(cache_path)
-    try:
-        texts = asyncio.run(_translate_all(cfg, bodies, cache, stats))
-    finally:
-        cache.close()
+    texts, stats = complete_via_endpoint(cfg, prompts, cache_path, max_tokens, temperature, top_p, seed)
     return [postprocess(t) for t in texts], stats

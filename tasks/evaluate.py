@@ -6,9 +6,6 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from alma_r.config import RunConfig, config_base_dir, resolve_path
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.readers import IngestError, read_lines
@@ -20,7 +17,8 @@ from alma_r.models.score_cache import ScoreCache
 from alma_r.models.scorers import corpus_score, sentence_scores
 from alma_r.models.scoring import cache_path_for, make_scorer, score_items
 from alma_r.models.significance import sacrebleu_paired_bs, segment_paired_bs
-from alma_r.tasks.stage import StageResult, run_stage, stage_key
+from alma_r.tasks.prefect_stage import stage_task
+from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
 
 METRICS = ("bleu", "chrf")
 
@@ -204,19 +202,26 @@ def run_evaluate(
     return outputs, {**counts, "results": len(results)}
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(
+def evaluate_key(
+    cfg: RunConfig, run_dir: Path, segments: StageResult, policy: StageResult, trained: StageResult
+) -> StageKey:
+    files = [resolve_path(f, config_base_dir(cfg)) for s in cfg.evaluate.imported for f in s.files.values()]
+    key = stage_key(
+        "evaluate",
+        cfg.section_hash("evaluate", "model"),
+        [segments, policy, trained],
+        files=files,
+        module=__name__,
+    )
+    return StageKey("evaluate", Path(run_dir) / "evaluate", key)
+
+
+def evaluate_stage(
     cfg: RunConfig, run_dir: Path, segments: StageResult, policy: StageResult, trained: StageResult
 ) -> StageResult:
     """Baseline (before CPO) vs CPO model on the test sets."""
-    files = [resolve_path(f, config_base_dir(cfg)) for s in cfg.evaluate.imported for f in s.files.values()]
-    key = stage_key(
-        "evaluate", cfg.section_hash("evaluate", "model"), [segments, policy, trained], files=files
-    )
     return run_stage(
-        "evaluate",
-        run_dir / "evaluate",
-        key,
+        evaluate_key(cfg, run_dir, segments, policy, trained),
         lambda out: run_evaluate(
             cfg,
             segments.path("segments"),
@@ -227,3 +232,21 @@ def evaluate_task(
             out,
         ),
     )
+
+
+def publish_results(cfg: RunConfig, result: StageResult) -> None:
+    """The evaluation table (system x direction x metric) as a Prefect table artifact."""
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        rows = read_rows(result.path("eval"), EVAL_RESULTS)
+        create_table_artifact(
+            table=rows,
+            key=f"alma-r-eval-{cfg.run.name.lower().replace('_', '-')}",
+            description="Evaluation on the test sets",
+        )
+    except Exception as err:  # the Parquet on disk is what matters; the UI copy is a convenience
+        print(f"[evaluate] could not publish the results artifact: {err}")
+
+
+evaluate_task = stage_task(evaluate_stage, evaluate_key, gpu=True, publish=publish_results)

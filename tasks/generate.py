@@ -10,9 +10,6 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from alma_r.config import DecodingConfig, RunConfig, config_base_dir, resolve_path
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.readers import IngestError, read_lines
@@ -20,7 +17,8 @@ from alma_r.data.schemas import CANDIDATES, SEGMENTS
 from alma_r.models.generation import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer, model_identity, pick_device
 from alma_r.models.prompts import load_shots, make_prompt
-from alma_r.tasks.stage import StageResult, run_stage, stage_key
+from alma_r.tasks.prefect_stage import stage_task
+from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def preference_sources(segments: list[dict], max_per_lp: int | None) -> list[dict]:
@@ -231,20 +229,29 @@ def run_generate(
     return outputs, counts
 
 
-@task(name="generate", cache_policy=NO_CACHE)
-def generate_task(cfg: RunConfig, run_dir: Path, segments: StageResult, policy: StageResult) -> StageResult:
-    """Translate the preference sources with every configured system."""
+def generate_key(cfg: RunConfig, run_dir: Path, segments: StageResult, policy: StageResult) -> StageKey:
     files = [
         resolve_path(f, config_base_dir(cfg)) for s in cfg.generate.systems for f in (s.files or {}).values()
     ]
     key = stage_key(
-        "generate", cfg.section_hash("generate", "model"), [segments, policy], files=files, extra=cfg.run.seed
-    )
-    return run_stage(
         "generate",
-        run_dir / "generate",
-        key,
+        cfg.section_hash("generate", "model"),
+        [segments, policy],
+        files=files,
+        extra=cfg.run.seed,
+        module=__name__,
+    )
+    return StageKey("generate", Path(run_dir) / "generate", key)
+
+
+def generate_stage(cfg: RunConfig, run_dir: Path, segments: StageResult, policy: StageResult) -> StageResult:
+    """Translate the preference sources with every configured system."""
+    return run_stage(
+        generate_key(cfg, run_dir, segments, policy),
         lambda out: run_generate(
             cfg, segments.path("segments"), policy.outputs["model"], policy.outputs.get("adapter"), out
         ),
     )
+
+
+generate_task = stage_task(generate_stage, generate_key, gpu=True)

@@ -5,14 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from alma_r.config import RunConfig, SourceConfig, config_base_dir, resolve_path
 from alma_r.data.io import write_table
 from alma_r.data.readers import IngestError, read_aligned_text, read_alma_json, read_sacrebleu_test_set
 from alma_r.data.schemas import SEGMENTS
-from alma_r.tasks.stage import StageResult, run_stage, stage_key
+from alma_r.tasks.prefect_stage import stage_task
+from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def source_files(source: SourceConfig, base_dir: Path) -> list[Path]:
@@ -74,9 +72,15 @@ def run_ingest(cfg: RunConfig, out_dir: Path) -> tuple[dict, dict]:
     return {"segments": path}, {"segments": len(rows), **dict(sorted(by_split.items()))}
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
-def ingest_task(cfg: RunConfig, run_dir: Path) -> StageResult:
-    """Read every configured source into one segments table."""
+def ingest_key(cfg: RunConfig, run_dir: Path) -> StageKey:
     files = [p for s in cfg.ingest.sources for p in source_files(s, config_base_dir(cfg)) if p.is_file()]
-    key = stage_key("ingest", cfg.section_hash("ingest"), files=files)
-    return run_stage("ingest", run_dir / "ingest", key, lambda out: run_ingest(cfg, out))
+    key = stage_key("ingest", cfg.section_hash("ingest"), files=files, module=__name__)
+    return StageKey("ingest", Path(run_dir) / "ingest", key)
+
+
+def ingest_stage(cfg: RunConfig, run_dir: Path) -> StageResult:
+    """Read every configured source into one segments table."""
+    return run_stage(ingest_key(cfg, run_dir), lambda out: run_ingest(cfg, out))
+
+
+ingest_task = stage_task(ingest_stage, ingest_key)

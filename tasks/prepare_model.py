@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import SEGMENTS
 from alma_r.models.tiny import build_tiny_model
-from alma_r.tasks.stage import StageResult, run_stage, stage_key
+from alma_r.tasks.prefect_stage import stage_task
+from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def run_prepare_model(cfg: RunConfig, segments_path: Path, out_dir: Path) -> tuple[dict, dict]:
@@ -35,14 +33,16 @@ def run_prepare_model(cfg: RunConfig, segments_path: Path, out_dir: Path) -> tup
     return {"model": path}, {"built": True, "tokenizer_texts": len(texts)}
 
 
-@task(name="prepare-model", cache_policy=NO_CACHE)
-def prepare_model_task(cfg: RunConfig, run_dir: Path, segments: StageResult) -> StageResult:
-    """The base model the run starts from."""
+def prepare_model_key(cfg: RunConfig, run_dir: Path, segments: StageResult) -> StageKey:
     upstream = [segments] if cfg.model.base == "tiny" else []
-    key = stage_key("prepare_model", cfg.section_hash("model"), upstream, extra=cfg.run.seed)
-    return run_stage(
-        "prepare_model",
-        run_dir / "prepare_model",
-        key,
-        lambda out: run_prepare_model(cfg, segments.path("segments"), out),
-    )
+    key = stage_key("prepare_model", cfg.section_hash("model"), upstream, extra=cfg.run.seed, module=__name__)
+    return StageKey("prepare_model", Path(run_dir) / "prepare_model", key)
+
+
+def prepare_model_stage(cfg: RunConfig, run_dir: Path, segments: StageResult) -> StageResult:
+    """The base model the run starts from."""
+    where = prepare_model_key(cfg, run_dir, segments)
+    return run_stage(where, lambda out: run_prepare_model(cfg, segments.path("segments"), out))
+
+
+prepare_model_task = stage_task(prepare_model_stage, prepare_model_key)

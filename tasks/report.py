@@ -13,14 +13,13 @@ import shutil
 from pathlib import Path
 
 import yaml
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows, save_figure_atomic, write_text_atomic
 from alma_r.data.schemas import EVAL_RESULTS, SCORES
 from alma_r.models.cpo_trainer import save_dir_atomic
-from alma_r.tasks.stage import StageResult, run_stage, stage_key
+from alma_r.tasks.prefect_stage import stage_task
+from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -357,27 +356,28 @@ def run_report(cfg: RunConfig, run_dir: Path, stages: list[StageResult], out_dir
     return outputs, {"bytes": len(text.encode()), "plots": len(plots)}
 
 
-@task(name="report", cache_policy=NO_CACHE, tags=["report"])
-def report_task(cfg: RunConfig, run_dir: Path, stages: list[StageResult]) -> StageResult:
-    """Write report.md/.html and the model card, and publish the report and the results to the Prefect UI."""
-    key = stage_key("report", cfg.section_hash("run", "model", "train", "evaluate", "ingest"), stages)
-    result = run_stage("report", run_dir / "report", key, lambda out: run_report(cfg, run_dir, stages, out))
-    by_name = {s.stage: s for s in stages}
+def report_key(cfg: RunConfig, run_dir: Path, stages: list[StageResult]) -> StageKey:
+    sections = cfg.section_hash("model", "train", "evaluate", "ingest")
+    key = stage_key("report", sections, stages, extra=[cfg.run.name, cfg.run.seed], module=__name__)
+    return StageKey("report", Path(run_dir) / "report", key)
+
+
+def report_stage(cfg: RunConfig, run_dir: Path, stages: list[StageResult]) -> StageResult:
+    """Write report.md/.html and the model card, and publish the report to the Prefect UI."""
+    result = run_stage(report_key(cfg, run_dir, stages), lambda out: run_report(cfg, run_dir, stages, out))
     plots = [Path(v) for k, v in result.outputs.items() if k.startswith("plot/")]
     text = render_report(cfg, run_dir, stages, plots, base=run_dir)
     write_text_atomic(run_dir / "report.md", text)
     try:
-        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.artifacts import create_markdown_artifact
 
         slug = cfg.run.name.lower().replace("_", "-")
         create_markdown_artifact(
             markdown=text, key=f"alma-r-report-{slug}", description="build-alma-r report"
         )
-        create_table_artifact(
-            table=read_rows(by_name["evaluate"].path("eval"), EVAL_RESULTS),
-            key=f"alma-r-eval-{slug}",
-            description="evaluation results",
-        )
     except Exception as err:  # the report on disk is what matters; the UI copy is a convenience
-        print(f"[report] could not publish the Prefect artifacts: {err}")
+        print(f"[report] could not publish the Prefect artifact: {err}")
     return result
+
+
+report_task = stage_task(report_stage, report_key)

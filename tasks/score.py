@@ -10,15 +10,13 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.schemas import CANDIDATES, SCORES, SEGMENTS
 from alma_r.models.score_cache import ScoreCache
 from alma_r.models.scoring import ScoringError, cache_path_for, make_scorer, score_items
-from alma_r.tasks.stage import StageResult, run_stage, stage_key
+from alma_r.tasks.prefect_stage import stage_task
+from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
 
 REFERENCE = "reference"
 
@@ -42,13 +40,22 @@ def check_coverage(candidates: list[dict], segments: dict[str, dict], where: str
 
 
 def run_score(
-    cfg: RunConfig, segments_path: Path, candidate_paths: list[Path], out_dir: Path, cache_path: Path
+    cfg: RunConfig,
+    segments_path: Path,
+    candidate_paths: list[Path],
+    out_dir: Path,
+    cache_path: Path,
+    only: set[str] | None = None,
 ) -> tuple[dict, dict]:
+    """Score every candidate (of the segments in `only`, when given). Rows come in segment order, then system
+    order (reference first), whatever order the scorers ran in."""
     segments = {r["id"]: r for r in read_rows(segments_path, SEGMENTS)}
     candidates = [row for p in candidate_paths for row in read_rows(p, CANDIDATES)]
     check_coverage(
         candidates, segments, where=str(candidate_paths[0].parent) if candidate_paths else "candidates"
     )
+    if only is not None:
+        candidates = [c for c in candidates if c["segment_id"] in only]
     order = {segment_id: i for i, segment_id in enumerate(segments)}
     texts: dict[str, dict[str, str]] = defaultdict(dict)  # segment id -> system -> text
     for c in candidates:
@@ -72,18 +79,90 @@ def run_score(
             if which not in scorers:
                 scorers[which] = make_scorer(cfg, metric, lang)
             rows += score_items(scorers[which], metric, items, cache, counts)
+        position = {(s, system): i for s in texts for i, system in enumerate(texts[s])}
+        rows.sort(key=lambda r: (order[r["segment_id"]], position[r["segment_id"], r["system"]]))
         outputs[f"scores/{metric}"] = write_table(rows, out_dir / "scores" / f"{metric}.parquet", SCORES)
     return outputs, counts
 
 
-@task(name="score", cache_policy=NO_CACHE)
-def score_task(cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult) -> StageResult:
+def score_key(cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult) -> StageKey:
+    key = stage_key("score", cfg.section_hash("score"), [segments, candidates], module=__name__)
+    return StageKey("score", Path(run_dir) / "score", key)
+
+
+def candidate_paths(candidates: StageResult) -> list[Path]:
+    return [Path(v) for k, v in sorted(candidates.outputs.items()) if k.startswith("candidates/")]
+
+
+def score_stage(cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult) -> StageResult:
     """Score the reference and every candidate."""
-    key = stage_key("score", cfg.section_hash("score"), [segments, candidates])
-    paths = [Path(v) for k, v in sorted(candidates.outputs.items()) if k.startswith("candidates/")]
     return run_stage(
-        "score",
-        run_dir / "score",
-        key,
-        lambda out: run_score(cfg, segments.path("segments"), paths, out, cache_path_for(cfg)),
+        score_key(cfg, run_dir, segments, candidates),
+        lambda out: run_score(
+            cfg, segments.path("segments"), candidate_paths(candidates), out, cache_path_for(cfg)
+        ),
     )
+
+
+# ------------------------------------------------------------------------------------------ sharded scoring
+# Shards are contiguous runs of segments in ingest order, each a cached stage of its own; merging them in
+# shard order gives the unsharded table row for row (run_score writes rows in segment order, then system).
+
+
+def score_shard_key(
+    cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult, shard: int, shards: int
+) -> StageKey:
+    key = stage_key(
+        "score_shard",
+        cfg.section_hash("score"),
+        [segments, candidates],
+        extra=[shard, shards],
+        module=__name__,
+    )
+    return StageKey(
+        f"score_shard_{shard}", Path(run_dir) / "score-shards" / f"{shard:03d}-of-{shards:03d}", key
+    )
+
+
+def score_shard_stage(
+    cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult, shard: int, shards: int
+) -> StageResult:
+    """Score one shard of the segments."""
+    ids = [r["id"] for r in read_rows(segments.path("segments"), SEGMENTS)]
+    size = -(-len(ids) // shards)
+    mine = set(ids[shard * size : (shard + 1) * size])
+    return run_stage(
+        score_shard_key(cfg, run_dir, segments, candidates, shard, shards),
+        lambda out: run_score(
+            cfg, segments.path("segments"), candidate_paths(candidates), out, cache_path_for(cfg), only=mine
+        ),
+    )
+
+
+def score_merge_key(
+    cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult, shards: list[StageResult]
+) -> StageKey:
+    return score_key(cfg, run_dir, segments, candidates)  # the same table as unsharded scoring, the same key
+
+
+def score_merge_stage(
+    cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult, shards: list[StageResult]
+) -> StageResult:
+    """Concatenate the shards' scores in shard order: the same table as one unsharded score stage."""
+
+    def merge(out_dir: Path) -> tuple[dict, dict]:
+        outputs, counts = {}, defaultdict(int)
+        for metric in cfg.score.metrics:
+            rows = [row for s in shards for row in read_rows(s.path(f"scores/{metric}"), SCORES)]
+            outputs[f"scores/{metric}"] = write_table(rows, out_dir / "scores" / f"{metric}.parquet", SCORES)
+        for s in shards:
+            for name, value in s.counts.items():
+                counts[name] += value
+        return outputs, {**counts, "shards": len(shards)}
+
+    return run_stage(score_key(cfg, run_dir, segments, candidates), merge)
+
+
+score_task = stage_task(score_stage, score_key, gpu=True)
+score_shard_task = stage_task(score_shard_stage, score_shard_key, gpu=True)
+score_merge_task = stage_task(score_merge_stage, score_merge_key)

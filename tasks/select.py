@@ -14,14 +14,12 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows, save_figure_atomic, write_json_atomic, write_table
 from alma_r.data.schemas import CANDIDATES, DROPPED, PAIRS, SCORES, SEGMENTS
 from alma_r.models.prompts import make_prompt
-from alma_r.tasks.stage import StageResult, run_stage, stage_key
+from alma_r.tasks.prefect_stage import stage_task
+from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
 
 REFERENCE = "reference"
 NOISE = "noise"
@@ -207,19 +205,29 @@ def run_select(
     return outputs, {"pairs": len(pairs), **{f"dropped_{k}": v for k, v in stats["dropped"].items()}}
 
 
-@task(name="select", cache_policy=NO_CACHE)
-def select_task(
+def select_key(
+    cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult, scores: StageResult
+) -> StageKey:
+    key = stage_key(
+        "select",
+        cfg.section_hash("select", "score"),
+        [segments, candidates, scores],
+        extra=cfg.run.seed,
+        module=__name__,
+    )
+    return StageKey("select", Path(run_dir) / "select", key)
+
+
+def select_stage(
     cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult, scores: StageResult
 ) -> StageResult:
     """Build (prompt, chosen, rejected) triplets from the scores."""
-    key = stage_key(
-        "select", cfg.section_hash("select", "score"), [segments, candidates, scores], extra=cfg.run.seed
-    )
     cand = [Path(v) for k, v in sorted(candidates.outputs.items()) if k.startswith("candidates/")]
     scored = [Path(v) for k, v in sorted(scores.outputs.items()) if k.startswith("scores/")]
     return run_stage(
-        "select",
-        run_dir / "select",
-        key,
+        select_key(cfg, run_dir, segments, candidates, scores),
         lambda out: run_select(cfg, segments.path("segments"), cand, scored, out),
     )
+
+
+select_task = stage_task(select_stage, select_key)

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import SEGMENTS
 from alma_r.models.cpo_trainer import CPORecipe, TrainSettings, plot_curves
 from alma_r.models.prompts import make_prompt
-from alma_r.tasks.stage import StageResult, run_stage, stage_key
+from alma_r.tasks.prefect_stage import stage_task
+from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def run_sft(cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path) -> tuple[dict, dict]:
@@ -55,15 +53,19 @@ def run_sft(cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path)
     }
 
 
-@task(name="sft", cache_policy=NO_CACHE)
-def sft_task(cfg: RunConfig, run_dir: Path, segments: StageResult, base: StageResult) -> StageResult:
+def sft_key(cfg: RunConfig, run_dir: Path, segments: StageResult, base: StageResult) -> StageKey:
+    key = stage_key(
+        "sft", cfg.section_hash("sft", "model"), [segments, base], extra=cfg.run.seed, module=__name__
+    )
+    return StageKey("sft", Path(run_dir) / "sft", key)
+
+
+def sft_stage(cfg: RunConfig, run_dir: Path, segments: StageResult, base: StageResult) -> StageResult:
     """The policy CPO starts from: the SFT model, or the base model (+ adapter) when SFT is off."""
-    key = stage_key("sft", cfg.section_hash("sft", "model"), [segments, base], extra=cfg.run.seed)
+    where = sft_key(cfg, run_dir, segments, base)
     if not cfg.sft.enabled:
         return run_stage(
-            "sft",
-            run_dir / "sft",
-            key,
+            where,
             lambda out: (
                 {
                     "model": base.outputs["model"],
@@ -73,9 +75,8 @@ def sft_task(cfg: RunConfig, run_dir: Path, segments: StageResult, base: StageRe
             ),
         )
     return run_stage(
-        "sft",
-        run_dir / "sft",
-        key,
-        lambda out: run_sft(cfg, segments.path("segments"), base.outputs["model"], out),
-        resumable=True,
+        where, lambda out: run_sft(cfg, segments.path("segments"), base.outputs["model"], out), resumable=True
     )
+
+
+sft_task = stage_task(sft_stage, sft_key, gpu=True)

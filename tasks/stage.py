@@ -1,12 +1,15 @@
 """What every stage shares: content fingerprints, completion markers, and the run-or-reuse rule.
 
-A stage's key is a hash of its name, its config sections, the project's code version, the keys of the stages
-it reads from, and the content of any external file it reads. Its folder holds `_COMPLETE.json` once it has
-finished; a later run with the same key and all outputs present reuses it instead of recomputing.
+A stage's key is a hash of its name, its config sections, the code it runs (the source of its module and of every
+alma_r module that module imports, transitively), the keys of the stages it reads from, and the content of any
+external file it reads. Its folder holds `_COMPLETE.json` once it has finished; a later run with the same key
+and all outputs present and readable reuses it instead of recomputing. The Prefect side of this (cache policy,
+subprocesses, UI) is tasks/prefect_stage.py; this module knows nothing of Prefect.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -39,21 +42,66 @@ class StageResult:
         return asdict(self)
 
 
-@functools.cache
-def code_version() -> str:
-    """A hash of every Python source of the package. Conservative: any code edit invalidates every stage
-    (a finer, per-stage dependency hash is future work; a stale result is worse than a recomputed one)."""
-    import alma_r
-    import alma_r.data
-    import alma_r.flows
-    import alma_r.models
-    import alma_r.tasks
+def _locate(module: str) -> Path | None:
+    """The source file of an alma_r module, without importing it."""
+    import importlib.util
 
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _alma_r_imports(path: Path) -> set[str]:
+    """Every alma_r module a source file imports, at module level or inside functions."""
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names if a.name.startswith("alma_r")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("alma_r"):
+            imported.add(node.module)
+            # `from alma_r.models import scorers` names a module, not an attribute
+            imported |= {f"{node.module}.{a.name}" for a in node.names}
+    return imported
+
+
+def module_closure(module: str, locate: Callable[[str], Path | None] = _locate) -> dict[str, Path]:
+    """The source files `module` runs: itself and every alma_r module it imports, transitively."""
+    found: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        path = locate(name)
+        if path is None:  # an attribute imported with `from x import y`, not a module
+            continue
+        found[name] = path
+        todo += sorted(_alma_r_imports(path) - found.keys())
+    return found
+
+
+def code_version(
+    module: str = "alma_r.flows.build_alma_r", locate: Callable[[str], Path | None] = _locate
+) -> str:
+    """A hash of the source a stage runs. Editing a helper a stage imports invalidates that stage (and, through
+    the upstream keys, every stage after it); editing an unrelated module does not."""
+    if locate is _locate:
+        return _cached_code_version(module)
+    return _hash_sources(module_closure(module, locate))
+
+
+@functools.cache
+def _cached_code_version(module: str) -> str:
+    return _hash_sources(module_closure(module))
+
+
+def _hash_sources(files: dict[str, Path]) -> str:
     digest = hashlib.sha256()
-    for module in (alma_r, alma_r.data, alma_r.flows, alma_r.models, alma_r.tasks):
-        for path in sorted(Path(module.__file__).resolve().parent.glob("*.py")):
-            digest.update(f"{module.__name__}/{path.name}".encode())
-            digest.update(path.read_bytes())
+    for name in sorted(files):
+        digest.update(name.encode())
+        digest.update(files[name].read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -65,17 +113,27 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class StageKey:
+    """Where a stage writes and the fingerprint its outputs are valid for."""
+
+    stage: str
+    out_dir: Path
+    key: str
+
+
 def stage_key(
     stage: str,
     config_hash: str,
     upstream: Iterable[StageResult] = (),
     files: Iterable[Path] = (),
     extra: Any = None,
+    module: str = "alma_r.flows.build_alma_r",
 ) -> str:
     payload = {
         "stage": stage,
         "config": config_hash,
-        "code": code_version(),
+        "code": code_version(module),
         "upstream": sorted(r.key for r in upstream),
         "files": sorted((str(p), file_digest(p)) for p in files),
         "extra": extra,
@@ -95,20 +153,43 @@ def _reusable(out_dir: Path, key: str) -> dict | None:
         return None
     for value in done.get("outputs", {}).values():
         # Absolute paths are files of the run; anything else is a hub id handed through.
-        if Path(value).is_absolute() and not Path(value).exists():
-            return None  # an output was deleted: recompute rather than hand on a dead path
+        if Path(value).is_absolute() and not _readable(Path(value)):
+            return None  # an output was deleted or damaged: recompute rather than hand on a dead path
     return done
 
 
+def _readable(path: Path) -> bool:
+    if not path.exists():
+        return False
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_metadata(path)  # the footer: a truncated or overwritten file fails here
+        except Exception:
+            return False
+    return True
+
+
+def is_complete(where: StageKey) -> bool:
+    """Whether `where.out_dir` holds finished, readable outputs for exactly this key."""
+    return _reusable(Path(where.out_dir), where.key) is not None
+
+
+def force_recompute(out_dir: Path) -> None:
+    """Make the next run of a stage recompute it (its outputs stay until then)."""
+    (Path(out_dir) / COMPLETE).unlink(missing_ok=True)
+
+
 def run_stage(
-    stage: str, out_dir: Path, key: str, compute: Callable[[Path], tuple[dict, dict]], resumable: bool = False
+    where: StageKey, compute: Callable[[Path], tuple[dict, dict]], resumable: bool = False
 ) -> StageResult:
     """Reuse the finished stage in `out_dir` if its key matches, else compute it.
 
     `compute(out_dir) -> (outputs, counts)`. A non-resumable stage starts from an empty folder and leaves none
     behind when it fails; a resumable one (training) keeps partial work made under the same key.
     """
-    out_dir = Path(out_dir)
+    stage, out_dir, key = where.stage, Path(where.out_dir), where.key
     done = _reusable(out_dir, key)
     if done is not None:
         return StageResult(

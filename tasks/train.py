@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import PAIRS
 from alma_r.models.cpo_trainer import CPORecipe, TrainSettings, plot_curves, read_metrics
-from alma_r.tasks.stage import StageResult, run_stage, stage_key
+from alma_r.tasks.prefect_stage import stage_task
+from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def train_settings(cfg: RunConfig, continues_adapter: bool) -> TrainSettings:
@@ -56,24 +54,25 @@ def run_train(
     }
 
 
-@task(name="train", cache_policy=NO_CACHE)
-def train_task(cfg: RunConfig, run_dir: Path, pairs: StageResult, policy: StageResult) -> StageResult:
+def train_key(cfg: RunConfig, run_dir: Path, pairs: StageResult, policy: StageResult) -> StageKey:
+    key = stage_key(
+        "train", cfg.section_hash("train", "model"), [pairs, policy], extra=cfg.run.seed, module=__name__
+    )
+    return StageKey("train", Path(run_dir) / "train", key)
+
+
+def train_stage(cfg: RunConfig, run_dir: Path, pairs: StageResult, policy: StageResult) -> StageResult:
     """CPO-train the policy on the selected pairs (resumes from the last checkpoint)."""
-    key = stage_key("train", cfg.section_hash("train", "model"), [pairs, policy], extra=cfg.run.seed)
-    result = run_stage(
-        "train",
-        run_dir / "train",
-        key,
+    return run_stage(
+        train_key(cfg, run_dir, pairs, policy),
         lambda out: run_train(
             cfg, pairs.path("pairs"), policy.outputs["model"], policy.outputs.get("adapter"), out
         ),
         resumable=True,
     )
-    publish_metrics(result)
-    return result
 
 
-def publish_metrics(result: StageResult) -> None:
+def publish_metrics(cfg: RunConfig, result: StageResult) -> None:
     """The per-step metrics as a Prefect table artifact, so that the UI shows the training run."""
     try:
         from prefect.artifacts import create_table_artifact
@@ -84,3 +83,6 @@ def publish_metrics(result: StageResult) -> None:
         )
     except Exception as err:  # the metrics file on disk is what matters; the UI copy is a convenience
         print(f"[train] could not publish the metrics artifact: {err}")
+
+
+train_task = stage_task(train_stage, train_key, gpu=True, publish=publish_metrics)

@@ -29,6 +29,27 @@ def read_lines(path: Path) -> list[str]:
     return out
 
 
+def read_json_records(path: Path) -> list[tuple[int, object]]:
+    """(where, item) of JSON lines, or of one JSON list (a file whose first non-blank character is '['); where
+    is the 1-based line, or for a list the 1-based item index."""
+    lines = read_lines(path)
+    text = "\n".join(lines)
+    if text.lstrip().startswith("["):
+        try:
+            return [(i, item) for i, item in enumerate(json.loads(text), start=1)]
+        except json.JSONDecodeError as err:
+            raise IngestError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    items = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise IngestError(f"{path}:{i}: empty line where a JSON object was expected")
+        try:
+            items.append((i, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise IngestError(f"{path}:{i}: invalid JSON: {err.msg}") from None
+    return items
+
+
 def _check_text(path: Path, where: int, field: str, text: object) -> str:
     if not isinstance(text, str):
         raise IngestError(f"{path}:{where}: field '{field}' is {type(text).__name__}, expected a string")
@@ -90,22 +111,7 @@ def read_alma_json(
         a, b = split_lp(pair)
     except ValueError as err:
         raise IngestError(f"{path}:0: {err}") from None
-    lines = read_lines(path)
-    text = "\n".join(lines)
-    if text.lstrip().startswith("["):
-        try:
-            items = [(i, item) for i, item in enumerate(json.loads(text), start=1)]
-        except json.JSONDecodeError as err:
-            raise IngestError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-    else:
-        items = []
-        for i, line in enumerate(lines, start=1):
-            if not line.strip():
-                raise IngestError(f"{path}:{i}: empty line where a JSON object was expected")
-            try:
-                items.append((i, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise IngestError(f"{path}:{i}: invalid JSON: {err.msg}") from None
+    items = read_json_records(path)
     if max_items is not None:
         items = items[:max_items]
 

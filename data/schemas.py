@@ -112,6 +112,20 @@ HYPOTHESES = pa.schema(
     ]
 )
 
+# One instruction-following example (databricks-dolly-15k layout) with its prompt and split (data/dolly.py).
+INSTRUCTIONS = pa.schema(
+    [
+        _field("id", pa.string()),  # "<origin>:<n>", n = 1-based line, list item or Parquet row
+        _field("instruction", pa.string()),
+        _field("context", pa.string(), required=False),  # null when the example has none
+        _field("response", pa.string()),  # the ground truth
+        _field("category", pa.string(), required=False),  # e.g. "open_qa"; null when absent
+        _field("prompt", pa.string()),  # Alpaca template applied to instruction (+ context)
+        _field("origin", pa.string()),
+        _field("split", pa.string()),  # "train" or "test", by a seeded hash of the instruction
+    ]
+)
+
 ALL = {
     "segments": SEGMENTS,
     "candidates": CANDIDATES,
@@ -120,4 +134,5 @@ ALL = {
     "dropped": DROPPED,
     "eval_results": EVAL_RESULTS,
     "hypotheses": HYPOTHESES,
+    "instructions": INSTRUCTIONS,
 }

@@ -40,7 +40,16 @@ def no_temp_files(folder) -> bool:
 
 
 def test_schemas_declare_required_and_optional_columns():
-    assert set(ALL) == {"segments", "candidates", "scores", "pairs", "dropped", "eval_results", "hypotheses"}
+    assert set(ALL) == {
+        "segments",
+        "candidates",
+        "scores",
+        "pairs",
+        "dropped",
+        "eval_results",
+        "hypotheses",
+        "instructions",
+    }
     assert "ref" not in required_columns(SEGMENTS) and "src" in required_columns(SEGMENTS)
     assert required_columns(DROPPED) == ["segment_id", "lp", "reason"]
 

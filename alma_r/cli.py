@@ -8,6 +8,7 @@ import sys
 
 from alma_r.config import ConfigError, load_config
 from alma_r.evaluate_cli import add_evaluate_parser, run_evaluate_cli
+from alma_r.judge_cli import add_judge_parser
 from alma_r.learning_check_cli import add_learning_check_parser
 from alma_r.orchestration_cli import add_orchestration_parsers
 from alma_r.published_cli import add_published_parser, run_published_cli
@@ -36,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     add_published_parser(sub)
     add_evaluate_parser(sub)
     add_learning_check_parser(sub)
+    add_judge_parser(sub)
     add_orchestration_parsers(sub)
     args = parser.parse_args(argv)
-    if args.command in ("learning-check", "setup", "prune-cache"):
+    if args.command in ("learning-check", "setup", "prune-cache", "judge"):
         return args.handler(args)
     if args.command == "evaluate":
         return run_evaluate_cli(args)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alma_r.data.io import write_table
-from alma_r.data.readers import IngestError, read_json_records
+from alma_r.data.readers import IngestError, read_records
 from alma_r.data.schemas import INSTRUCTIONS
 
 # Stanford Alpaca's PROMPT_DICT["prompt_input"] and ["prompt_no_input"], verbatim (input = Dolly's context).
@@ -77,19 +77,6 @@ def split_of(instruction: str, seed: int = 0, test_fraction: float = 0.5) -> str
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
 
 
-def _records(path: Path) -> list[tuple[int, object]]:
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowInvalid) as err:
-            raise IngestError(f"{path}:0: not a readable Parquet file: {err}") from None
-        return list(enumerate(table.to_pylist(), start=1))
-    return read_json_records(path)
-
-
 def _text(path: Path, where: int, record: dict, name: str, required: bool) -> str | None:
     if name not in record or record[name] is None:
         if required:
@@ -110,7 +97,7 @@ def read_dolly(path: Path, cfg: DollyConfig | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise IngestError(f"{path}:0: file not found")
-    records = _records(path)
+    records = read_records(path)
     if cfg.max_items is not None:
         records = records[: cfg.max_items]
     if not records:

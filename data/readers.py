@@ -50,6 +50,21 @@ def read_json_records(path: Path) -> list[tuple[int, object]]:
     return items
 
 
+def read_records(path: Path) -> list[tuple[int, object]]:
+    """(where, record) of a Parquet file (by the suffix `.parquet`; where = 1-based row) or of JSON lines / a
+    JSON list (read_json_records)."""
+    if Path(path).suffix != ".parquet":
+        return read_json_records(path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise IngestError(f"{path}:0: not a readable Parquet file: {err}") from None
+    return list(enumerate(table.to_pylist(), start=1))
+
+
 def _check_text(path: Path, where: int, field: str, text: object) -> str:
     if not isinstance(text, str):
         raise IngestError(f"{path}:{where}: field '{field}' is {type(text).__name__}, expected a string")

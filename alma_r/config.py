@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -458,9 +459,9 @@ def _nearest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
+def _model_at(loc: tuple, root: type[BaseModel] = RunConfig) -> type[BaseModel] | None:
     """The pydantic model class that holds the key at `loc` (to list its valid keys)."""
-    model: Any = RunConfig
+    model: Any = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -478,13 +479,13 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _format_error(err: ValidationError, origin: str) -> str:
+def _format_error(err: ValidationError, origin: str, root: type[BaseModel] = RunConfig) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
-            model = _model_at(loc)
+            model = _model_at(loc, root)
             valid = list(model.model_fields) if model else []
             lines.append(f"{origin}: unknown key '{key}'{_nearest(str(loc[-1]), valid)}")
         else:
@@ -523,8 +524,11 @@ def resolve_path(value: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else (base_dir / path).resolve()
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML run config (or the defaults), apply `KEY=VALUE` overrides, validate."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, config_class: type = RunConfig
+) -> RunConfig:
+    """Load a YAML run config (or the defaults), apply `KEY=VALUE` overrides, validate as `config_class`
+    (RunConfig; alma_r/sequence_config.py's SequenceRunConfig for the sequence-cpo flow)."""
     data: dict = {}
     origin = "<defaults>"
     base_dir = Path.cwd()
@@ -543,9 +547,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in parse_overrides(overrides or []):
         _set_path(data, key, value)
     try:
-        cfg = RunConfig.model_validate(data)
+        cfg = config_class.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, origin)) from None
+        raise ConfigError(_format_error(err, origin, config_class)) from None
     cfg._base_dir = base_dir
     return cfg
 
@@ -555,11 +559,15 @@ def config_base_dir(cfg: RunConfig) -> Path:
 
 
 def config_to_json(cfg: RunConfig) -> dict:
-    """The validated config with its base folder, to hand a stage to another process."""
-    return {"config": cfg.model_dump(mode="json"), "base_dir": str(cfg._base_dir)}
+    """The validated config with its base folder and class, to hand a stage to another process."""
+    kind = f"{type(cfg).__module__}:{type(cfg).__qualname__}"
+    return {"config": cfg.model_dump(mode="json"), "base_dir": str(cfg._base_dir), "class": kind}
 
 
 def config_from_json(data: dict) -> RunConfig:
-    cfg = RunConfig.model_validate(data["config"])
+    module, name = data.get("class", "alma_r.config:RunConfig").split(":")
+    if not module.startswith("alma_r."):  # a request names only this project's config classes
+        raise ConfigError(f"config class {module}:{name} is not an alma_r config")
+    cfg = getattr(importlib.import_module(module), name).model_validate(data["config"])
     cfg._base_dir = Path(data["base_dir"])
     return cfg

@@ -40,11 +40,14 @@ def build_tiny_model(
     intermediate_size: int,
     max_position_embeddings: int,
     seed: int,
+    tokenizer=None,
 ) -> Path:
-    """Train the tokenizer, initialise a LlamaForCausalLM, save both (safetensors) to `out_dir` atomically."""
+    """Train the tokenizer, initialise a LlamaForCausalLM, save both (safetensors) to `out_dir` atomically.
+    With `tokenizer` given, it is used as is (texts and vocab_size are ignored): a second model that must read
+    the same token ids, e.g. the larger scoring model of the sequence-cpo flow."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer = tokenizer if tokenizer is not None else train_tokenizer(texts, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

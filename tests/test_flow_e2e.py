@@ -122,3 +122,35 @@ def test_report_html_plots_and_model_card(finished_run):
     )
     assert (report / "model" / "adapter_model.safetensors").is_file()
     assert "†" in (run_dir / "report.md").read_text() or "p < 0.05" in (run_dir / "report.md").read_text()
+
+
+def flow_task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}
+
+
+def test_deleted_or_damaged_output_recomputes_instead_of_a_dead_path(finished_run, tmp_path):
+    """Prefect's record of a finished stage is trusted only while its folder holds readable outputs; `force`
+    recomputes a stage whose outputs are intact. The stages after it keep their cache: same inputs, same key."""
+    from alma_r.flows.build_alma_r import build_alma_r
+
+    run_dir, *_ = finished_run
+    config = run_dir.parent.parent / "mini.yaml"
+    (run_dir / "select" / "pairs.parquet").unlink()
+    damaged = run_dir / "score" / "scores" / "chrf.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated: the footer is gone
+
+    state = build_alma_r(config_path=str(config), overrides=MINI, force=["generate"], return_state=True)
+    stages = json.loads((run_dir / "run.json").read_text())["stages"]
+    tasks = flow_task_states(state.state_details.flow_run_id)
+    for stage in ("generate", "score", "select"):
+        assert stages[stage]["cached"] is False, stage
+    assert tasks["generate"] == tasks["score"] == tasks["select"] == "Completed"
+    for stage, task in (("ingest", "ingest"), ("sft", "sft"), ("train", "train"), ("evaluate", "evaluate")):
+        assert stages[stage]["cached"] is True and tasks[task] == "Cached", stage
+    assert pq.read_table(run_dir / "select" / "pairs.parquet").num_rows > 0
+    assert pq.read_table(damaged).num_rows > 0

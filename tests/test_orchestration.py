@@ -1,0 +1,263 @@
+"""Orchestration as users meet it: a real Prefect server, crashes, edits, deleted outputs, sharded scoring.
+
+- SIGKILL during scoring, then during training: each rerun finds the finished stages Cached in Prefect's task
+  states and run.json, recomputes the killed one (training resumes from its checkpoint), and every Parquet
+  output reads back whole.
+- A helper edited in a copy of the sources changes the code version of the stages that import it, not others.
+- Sharded scoring on a local 2-worker Dask cluster equals unsharded scoring row for row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO, free_port
+from tests.test_flow_e2e import MINI, mini_config
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on loopback with its own PREFECT_HOME; stopped however the tests end."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false")
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()}") from None
+                time.sleep(0.5)
+        yield {**env, "PREFECT_API_URL": url}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+FLOW = "import sys, json; from alma_r.flows.build_alma_r import build_alma_r; build_alma_r(sys.argv[1], json.loads(sys.argv[2]))"
+
+
+def start_flow(env: dict, config: Path, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", FLOW, str(config), json.dumps(overrides)],
+        env=env,
+        cwd=REPO,
+        start_new_session=True,  # its own process group: the kill takes the stage child processes too
+    )
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the flow ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def task_states(env: dict) -> list[dict[str, str]]:
+    """Task-run states of every build-alma-r flow run, oldest run first: [{task name: state name}]."""
+    script = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import FlowRunSort
+with get_client(sync_client=True) as client:
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-alma-r"])),
+                                 sort=FlowRunSort.START_TIME_ASC)
+    out = []
+    for run in runs:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        out.append({t.name.rsplit("-", 1)[0]: t.state.name for t in tasks})
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_sigkill_in_score_then_in_train_resumes_only_the_killed_stage(prefect_server, tmp_path):
+    from alma_r.data.io import read_rows
+    from alma_r.data.schemas import PAIRS
+    from alma_r.models.tiny_comet import build_tiny_comet
+    from tests.conftest import SAMPLE_DIR
+
+    texts = (SAMPLE_DIR / "human_written/deen/train.de-en.en").read_text().splitlines()[:200]
+    kiwi = build_tiny_comet(tmp_path / "kiwi", "kiwi", texts)
+    config = mini_config(tmp_path)
+    overrides = [
+        *MINI,
+        "train.max_steps=6",
+        "train.save_steps=2",
+        f"score.comet_models={{tiny_kiwi: {{model: {kiwi}}}}}",
+        "score.metrics=[chrf, tiny_kiwi]",
+        "select.metrics=[chrf, tiny_kiwi]",
+    ]
+    env = prefect_server
+    run_dir = tmp_path / "runs" / "tiny"
+
+    # 1. killed while scoring: the COMET model is loading or scoring in the stage's child process
+    flow = start_flow(env, config, overrides)
+    kill_when(flow, lambda: (run_dir / "score" / "_IN_PROGRESS.json").exists())
+    assert not (run_dir / "score" / "_COMPLETE.json").exists()
+    first = json.loads((run_dir / "run.json").read_text())
+    assert first["status"] == "running" and "score" not in first["stages"]
+
+    # 2. rerun, killed while training, after its second checkpoint
+    flow = start_flow(env, config, overrides)
+    kill_when(flow, lambda: (run_dir / "train" / "checkpoints" / "step-4").exists())
+    second = json.loads((run_dir / "run.json").read_text())
+    for stage in ("ingest", "prepare_model", "sft", "generate"):
+        assert second["stages"][stage]["cached"] is True, stage
+    assert second["stages"]["score"]["cached"] is False
+    assert second["stages"]["select"]["cached"] is False
+    assert "train" not in second["stages"]
+
+    # 3. rerun to the end: everything before train is reused, train resumes from its last checkpoint
+    flow = start_flow(env, config, overrides)
+    assert flow.wait(timeout=900) == 0
+    third = json.loads((run_dir / "run.json").read_text())
+    assert third["status"] == "completed"
+    for stage in ("ingest", "prepare_model", "sft", "generate", "score", "select"):
+        assert third["stages"][stage]["cached"] is True, stage
+    assert third["stages"]["train"]["cached"] is False
+    assert third["stages"]["train"]["counts"]["resumed_from"] == 4
+    assert third["stages"]["train"]["counts"]["steps"] == 6
+
+    states = task_states(env)
+    assert len(states) == 3
+    assert [states[1][s] for s in ("ingest", "prepare-model", "sft", "generate")] == ["Cached"] * 4
+    assert states[1]["score"] == "Completed"
+    assert [states[2][s] for s in ("ingest", "prepare-model", "sft", "generate", "score", "select")] == [
+        "Cached"
+    ] * 6
+    assert states[2]["train"] == states[2]["evaluate"] == states[2]["report"] == "Completed"
+
+    for path in run_dir.rglob("*.parquet"):
+        pq.read_table(path)  # every Parquet output is whole
+    assert read_rows(run_dir / "select" / "pairs.parquet", PAIRS)
+    assert not list(run_dir.rglob("*.tmp*")), "a temporary file was left behind"
+
+
+def test_editing_a_helper_invalidates_the_stages_that_import_it(tmp_path):
+    from alma_r.tasks.stage import code_version, module_closure
+
+    # a copy of the sources, laid out as the package maps them (pyproject's package-dir)
+    roots = {
+        "alma_r": "alma_r",
+        "alma_r.flows": "flows",
+        "alma_r.tasks": "tasks",
+        "alma_r.models": "models",
+        "alma_r.data": "data",
+    }
+    for folder in set(roots.values()):
+        shutil.copytree(
+            REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "sample")
+        )
+
+    def locate(module: str) -> Path | None:
+        for prefix, folder in sorted(roots.items(), key=lambda kv: -len(kv[0])):
+            if module == prefix or module.startswith(prefix + "."):
+                rest = module[len(prefix) :].lstrip(".").replace(".", "/")
+                base = tmp_path / folder / rest
+                for candidate in (base.with_suffix(".py") if rest else None, base / "__init__.py"):
+                    if candidate is not None and candidate.is_file():
+                        return candidate
+                return None
+        return None
+
+    score, ingest = "alma_r.tasks.score", "alma_r.tasks.ingest"
+    assert "alma_r.models.scorers" in module_closure(score, locate)
+    assert "alma_r.models.scorers" not in module_closure(ingest, locate)
+    before = {m: code_version(m, locate) for m in (score, ingest)}
+    helper = tmp_path / "models" / "scorers.py"
+    helper.write_text(helper.read_text().replace("def ", "def  ", 1))  # a one-character edit of a helper
+    after = {m: code_version(m, locate) for m in (score, ingest)}
+    assert after[score] != before[score]
+    assert after[ingest] == before[ingest]
+
+
+def test_sharded_scoring_on_dask_equals_unsharded(tmp_path, prefect_harness):
+    from alma_r.config import load_config
+    from alma_r.data.io import read_rows, write_table
+    from alma_r.data.schemas import CANDIDATES, SCORES, SEGMENTS
+    from alma_r.flows.build_alma_r import score_shards, task_runner_for
+    from alma_r.tasks.ingest import ingest_stage
+    from alma_r.tasks.score import score_merge_stage, score_stage
+    from alma_r.tasks.stage import StageResult
+
+    config = mini_config(tmp_path)
+    base = ["score.metrics=[chrf, consensus_chrf]", "run.stage_processes=false"]
+    plain = load_config(config, [*base, "run.name=plain"])
+    sharded = load_config(config, [*base, "run.name=sharded", "run.shards=2", "run.task_runner=dask"])
+    segments = ingest_stage(plain, tmp_path / "inputs")
+    rows = read_rows(segments.path("segments"), SEGMENTS)[:40]
+    candidates = {}
+    for name, edit in {"upper": str.upper, "cut": lambda t: t[: len(t) // 2]}.items():
+        cand = [
+            {
+                "segment_id": r["id"],
+                "lp": r["lp"],
+                "system": name,
+                "hypothesis": edit(r["ref"]),
+                "model_id": "edit",
+                "generation": "{}",
+            }
+            for r in rows
+        ]
+        candidates[f"candidates/{name}"] = str(
+            write_table(cand, tmp_path / "inputs" / "candidates" / f"{name}.parquet", CANDIDATES)
+        )
+    generated = StageResult("generate", "k", candidates)
+
+    unsharded = score_stage(plain, tmp_path / "plain", segments, generated)
+    shards = score_shards.with_options(task_runner=task_runner_for(sharded))(
+        sharded, tmp_path / "sharded", segments, generated
+    )
+    assert [s.stage for s in shards] == ["score_shard_0", "score_shard_1"]
+    merged = score_merge_stage(sharded, tmp_path / "sharded", segments, generated, shards)
+    for metric in ("chrf", "consensus_chrf"):
+        a = read_rows(unsharded.path(f"scores/{metric}"), SCORES)
+        b = read_rows(merged.path(f"scores/{metric}"), SCORES)
+        assert len(a) == 3 * len(rows)
+        assert a == b

@@ -13,6 +13,7 @@ from alma_r.learning_check_cli import add_learning_check_parser
 from alma_r.orchestration_cli import add_orchestration_parsers
 from alma_r.published_cli import add_published_parser, run_published_cli
 from alma_r.sequence_cpo_cli import add_sequence_cpo_parser
+from alma_r.sequence_run_cli import add_sequence_run_parser
 from alma_r.train_cli import add_train_parser, run_train_cli
 
 
@@ -39,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     add_evaluate_parser(sub)
     add_learning_check_parser(sub)
     add_sequence_cpo_parser(sub)
+    add_sequence_run_parser(sub)
     add_judge_parser(sub)
     add_orchestration_parsers(sub)
     args = parser.parse_args(argv)
-    if args.command in ("learning-check", "sequence-cpo", "setup", "prune-cache", "judge"):
+    if args.command in ("learning-check", "sequence-cpo", "sequence-run", "setup", "prune-cache", "judge"):
         return args.handler(args)
     if args.command == "evaluate":
         return run_evaluate_cli(args)

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from alma_r import progress
 from alma_r.data.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from alma_r.models.cpo_loss import LOSS_TYPES, preference_loss
 from alma_r.models.loading import load_model, load_tokenizer
@@ -604,6 +605,8 @@ class CPORecipe:
                 seconds = time.perf_counter() - t0
                 bar.update(1)
                 bar.set_postfix(loss=f"{totals['loss']:.4f}")
+                if self.is_main:
+                    progress.report(self.step, self.total_steps, "optimizer steps")
                 if log_file and (self.step % self.s.logging_steps == 0 or self.step == self.total_steps):
                     n = len(step_idx)
                     record = {

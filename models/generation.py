@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from alma_r import progress
 from alma_r.models.prompts import postprocess
 
 
@@ -73,4 +74,5 @@ def generate_translations(
         new_tokens = out[:, input_ids.shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
             outputs[i] = postprocess(text)
+        progress.report(start + len(idx), len(todo), desc)
     return outputs

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from alma_r import progress
 from alma_r.config import RunConfig, config_base_dir, resolve_path
 from alma_r.models.score_cache import ScoreCache, score_key
 from alma_r.models.scorers import ConsensusScorer, SacrebleuScorer
@@ -40,6 +41,11 @@ def make_scorer(cfg: RunConfig, metric: str, tgt_lang: str):
     return CometScorer(model, batch_size=cfg.score.batch_size, reference=spec.reference)
 
 
+PROGRESS_BLOCK = (
+    2048  # requests per scorer call: large enough for full batches, small enough to show progress
+)
+
+
 def score_items(
     scorer, metric: str, items: list[tuple[dict, str, str, list[str]]], cache: ScoreCache, counts: dict
 ) -> list[dict]:
@@ -58,7 +64,11 @@ def score_items(
         requests.setdefault(key, request)
     cached = cache.get_many(list(requests))
     todo = [k for k in requests if k not in cached]
-    fresh = dict(zip(todo, scorer.score([requests[k] for k in todo]), strict=True)) if todo else {}
+    fresh = {}
+    for start in range(0, len(todo), PROGRESS_BLOCK):
+        block = todo[start : start + PROGRESS_BLOCK]
+        fresh.update(zip(block, scorer.score([requests[k] for k in block]), strict=True))
+        progress.report(start + len(block), len(todo), f"{metric} requests")
     for key, result in fresh.items():
         if not math.isfinite(result.score):
             bad = [

@@ -154,3 +154,18 @@ def test_deleted_or_damaged_output_recomputes_instead_of_a_dead_path(finished_ru
         assert stages[stage]["cached"] is True and tasks[task] == "Cached", stage
     assert pq.read_table(run_dir / "select" / "pairs.parquet").num_rows > 0
     assert pq.read_table(damaged).num_rows > 0
+
+
+def test_ui_artifacts_progress_tables_and_report(finished_run):
+    """The Prefect UI shows a progress bar per GPU stage (ended at 100%), the training and evaluation tables and
+    the report."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    progress = [a for a in artifacts if a.type == "progress"]
+    stages = {a.description.split(":")[0] for a in progress}
+    assert {"sft", "generate", "score", "train", "evaluate"} <= stages
+    assert all(float(a.data) == 100.0 for a in progress)
+    keys = {a.key for a in artifacts if a.key}
+    assert {"alma-r-train-metrics", "alma-r-eval-tiny", "alma-r-report-tiny"} <= keys

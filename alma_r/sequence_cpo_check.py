@@ -8,7 +8,8 @@ The design follows the paper's experiment (shared/seeds/003, section 5) at toy s
     MLE: a tiny LLaMA trained on clean references and stopped early (CPORecipe, loss sft)
       -> from it, the same number of steps on the same other sources, one run per row:
          continued MLE (NLL on the references), sequence-level CPO (beta 5) with BN, MN, TN negatives alone
-         (4 each, the paper's table 1), MixN (3 BN + 5 MN + 3 TN), and the same with the ranking signal (R)
+         (4 each, the paper's table 1), MixN (3 BN + 5 MN + 3 TN), AN (4 top-k 50 samples of the starting
+         model made offline into CANDIDATES Parquet files), and the same with the ranking signal (R)
       -> WiSE-FT of MixNR with the starting MLE model, alpha in a grid
       -> evaluation on held-out sources: greedy translations scored by the oracle (exact match, oracle
          score) and, under a larger model trained longer on the same clean data (cached), the length-normalised
@@ -23,17 +24,19 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from alma_r.data.io import write_text_atomic
+from alma_r.data.io import write_table, write_text_atomic
+from alma_r.data.schemas import CANDIDATES
 from alma_r.learning_check import Sizes as LearningCheckSizes
 from alma_r.learning_check import machine, one_torch_thread, train_sft
 from alma_r.models import synthetic
-from alma_r.models.cpo_trainer import CPORecipe, TrainSettings, tokenize_pair
+from alma_r.models.cpo_trainer import CPORecipe, TrainSettings, read_metrics, tokenize_pair
+from alma_r.models.generation import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer
-from alma_r.models.negatives import NegativeMix
+from alma_r.models.negatives import NegativeMix, read_autoregressive_samples
 from alma_r.models.sequence_metrics import (
     generate_completion_ids,
     length_normalised_nll,
@@ -62,6 +65,8 @@ RUNS: dict[str, tuple[NegativeMix | None, bool]] = {
     "mnr": (_one_kind("meanfield"), True),
     "tnr": (_one_kind("truncation"), True),
     "mixnr": (NegativeMix(), True),
+    "an": (_one_kind("autoregressive"), False),
+    "anr": (_one_kind("autoregressive"), True),
 }
 LABELS = {
     "start": "MLE, stopped early (the starting model, pi_ref)",
@@ -74,6 +79,8 @@ LABELS = {
     "mnr": "CPO MNR (MN + ranking)",
     "tnr": "CPO TNR (TN + ranking)",
     "mixnr": "CPO MixNR (MixN + ranking)",
+    "an": "CPO AN (4 autoregressive negatives, top-k 50)",
+    "anr": "CPO ANR (AN + ranking)",
 }
 DEFAULT_ROWS = ("mle", "bn", "mn", "tn", "mixn", "mixnr")
 
@@ -111,6 +118,7 @@ class SeedResult:
     start_dir: Path
     scorer_dir: Path
     seconds: dict[str, float]
+    training: dict[str, dict[str, float]] = field(default_factory=dict)  # CPO row -> first/last step metrics
 
 
 def log(message: str) -> None:
@@ -170,7 +178,39 @@ def continue_mle(start_dir: Path, segments, sizes: CheckSizes, seed: int, out_di
     return CPORecipe(settings, str(start_dir), examples, out_dir).setup().train().save(out_dir / "model")
 
 
-def train_cpo(start_dir: Path, segments, sizes: CheckSizes, seed: int, out_dir: Path, run: str) -> Path:
+def autoregressive_samples(
+    start_dir: Path, segments, sizes: CheckSizes, seed: int, out_dir: Path, n: int = 4
+) -> dict[str, list[str]]:
+    """AN: n top-k 50 samples per source from the starting model (the reference), made offline as the
+    generation stage makes them (generate_translations, one seeded pass per sample, one CANDIDATES file per
+    sample system an-1..an-n), then read back through the schema check (models/negatives.py)."""
+    tokenizer, model = load_tokenizer(str(start_dir)), load_model(str(start_dir))
+    decoding = Decoding(do_sample=True, temperature=1.0, top_k=50, max_new_tokens=sizes.max_new_tokens)
+    settings = json.dumps(asdict(decoding), sort_keys=True)
+    prompts = [s.prompt for s in segments]
+    paths = []
+    for k in range(1, n + 1):
+        texts = generate_translations(model, tokenizer, prompts, decoding, 500, 64, seed=seed + k, desc="AN")
+        rows = [
+            {"segment_id": s.id, "lp": s.lp, "system": f"an-{k}", "hypothesis": text, "model_id": str(start_dir),
+             "generation": settings}
+            for s, text in zip(segments, texts, strict=True)
+            if text is not None
+        ]  # fmt: skip
+        paths.append(write_table(rows, Path(out_dir) / f"an-{k}.parquet", CANDIDATES))
+    return read_autoregressive_samples(paths)
+
+
+def train_cpo(
+    start_dir: Path,
+    segments,
+    sizes: CheckSizes,
+    seed: int,
+    out_dir: Path,
+    run: str,
+    samples: dict[str, list[str]] | None = None,
+) -> Path:
+    """One CPO row; `samples` (segment id -> texts) for the AN rows."""
     mix, ranking = RUNS[run]
     mix = NegativeMix(**{**asdict(mix), "meanfield_share": sizes.meanfield_share})
     settings = SequenceCPOSettings(
@@ -189,8 +229,40 @@ def train_cpo(start_dir: Path, segments, sizes: CheckSizes, seed: int, out_dir: 
     )
     examples = [{"id": s.id, "prompt": s.prompt, "target": s.ref} for s in segments]
     return (
-        SequenceCPORecipe(settings, str(start_dir), examples, out_dir).setup().train().save(out_dir / "model")
+        SequenceCPORecipe(settings, str(start_dir), examples, out_dir, samples)
+        .setup()
+        .train()
+        .save(out_dir / "model")
     )
+
+
+def training_summary(metrics_path: Path) -> dict[str, float]:
+    """The CPO loss, ground-truth-on-top accuracy and ground-truth log-prob at the first and last logged step
+    (each on that step's batch, before its update)."""
+    records = read_metrics(metrics_path)
+    first, last = records[0], records[-1]
+    return {
+        "loss_first": first["loss"],
+        "loss_last": last["loss"],
+        "accuracy_last": last["rewards/accuracies"],
+        "logp_gt_first": first["logps/ground_truth"],
+        "logp_gt_last": last["logps/ground_truth"],
+    }
+
+
+def training_table(results: list[SeedResult]) -> str:
+    keys = [
+        ("loss_first", "loss, step 1"),
+        ("loss_last", "loss, last step"),
+        ("accuracy_last", "ground truth on top, last step"),
+        ("logp_gt_first", "log pi(ground truth), step 1"),
+        ("logp_gt_last", "log pi(ground truth), last step"),
+    ]
+    lines = ["| CPO row | " + " | ".join(k[1] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for row in results[0].training:
+        cells = [f"{statistics.fmean(r.training[row][k] for r in results):.3f}" for k, _ in keys]
+        lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -269,12 +341,25 @@ def _run_seed(sizes: CheckSizes, seed: int, work_dir: Path, cache_dir: Path) -> 
     scorer = load_model(str(scorer_dir))
     metrics = {"start": timed("evaluate start", evaluate_model, start, scorer, task.test, sizes, seed)}
     log(f"seed {seed}: start exact match {metrics['start']['exact_match']:.3f}")
-    dirs = {}
+    samples = None
+    if any(RUNS[run][0] is not None and RUNS[run][0].autoregressive for run in sizes.rows):
+        samples = timed(
+            "AN samples",
+            autoregressive_samples,
+            start,
+            task.preference,
+            sizes,
+            seed,
+            work_dir / "an-candidates",
+        )
+    dirs, training = {}, {}
     for run in sizes.rows:
-        train = continue_mle if run == "mle" else partial(train_cpo, run=run)
+        train = continue_mle if run == "mle" else partial(train_cpo, run=run, samples=samples)
         dirs[run] = timed(f"train {run}", train, start, task.preference, sizes, seed, work_dir / run)
         metrics[run] = timed(f"evaluate {run}", evaluate_model, dirs[run], scorer, task.test, sizes, seed)
         log(f"seed {seed}: {run} exact match {metrics[run]['exact_match']:.3f}")
+        if run != "mle":
+            training[run] = training_summary(work_dir / run / "metrics.jsonl")
     # WiSE-FT of the last CPO row (MixNR when it ran) with the starting model
     ensembled = "mixnr" if "mixnr" in dirs else next((r for r in reversed(sizes.rows) if r != "mle"), None)
     if ensembled and sizes.wise_alphas:
@@ -283,7 +368,7 @@ def _run_seed(sizes: CheckSizes, seed: int, work_dir: Path, cache_dir: Path) -> 
         for alpha, folder in grid.items():
             metrics[f"wise:{ensembled}:{alpha:.2f}"] = evaluate_model(folder, scorer, task.test, sizes, seed)
         seconds["wise-ft"] = time.perf_counter() - began
-    return SeedResult(seed, metrics, start, scorer_dir, seconds)
+    return SeedResult(seed, metrics, start, scorer_dir, seconds, training)
 
 
 def run_check(
@@ -337,16 +422,17 @@ def table(results: list[SeedResult]) -> str:
 
 
 def parse_table(text: str) -> dict[str, dict[str, float]]:
-    """The table of a doc written by render_section, read back: label -> column label -> mean."""
+    """The results table of a doc written by render_section, read back: label -> column label -> mean."""
     out, header = {}, None
     for line in text.splitlines():
-        if not line.startswith("| "):
+        if header is None:
+            if line.startswith("| model |"):
+                header = [c.strip() for c in line.strip().strip("|").split("|")][1:]
             continue
+        if not line.startswith("|"):
+            break  # the end of the table
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0] == "model":
-            header = cells[1:]
-            continue
-        if header and not set(cells[0]) <= {"-"}:
+        if not set(cells[0]) <= {"-"}:
             out[cells[0]] = {h: float(c.split(" ± ")[0]) for h, c in zip(header, cells[1:], strict=True)}
     return out
 
@@ -403,7 +489,10 @@ def render_section(results: list[SeedResult], sizes: CheckSizes, command: str, s
 - Rows: from the start, {s.steps} steps x {s.batch} examples drawn from {s.continue_sources} other sources,
   AdamW lr {s.lr} constant, weight decay {s.weight_decay}: continued MLE (NLL of the reference), or
   sequence-level CPO (`models/sequence_trainer.py`, beta {s.beta}, no NLL term) with 4 negatives of one kind
-  (BN, MN, TN; the paper's table 1) or MixN = 3 BN + 5 MN + 3 TN (the paper's 11). R = with the ranking
+  (BN, MN, TN, AN; the paper's table 1) or MixN = 3 BN + 5 MN + 3 TN (the paper's 11); AN = top-k 50
+  samples of the starting model, 4 per source, generated offline with `generate_translations` into
+  CANDIDATES Parquet files and read back (a sample equal to the reference is not used as its negative while
+  another is left). R = with the ranking
   signal (Plackett-Luce, eq. 8; ranked by cosine similarity of the starting model's mean-pooled hidden
   states), else best-of-K (eq. 7). MN resamples {s.meanfield_share:.0%} of the positions (round half up, at
   least 1) from the starting model's next-token distribution, never keeping the original token.
@@ -425,6 +514,10 @@ def render_section(results: list[SeedResult], sizes: CheckSizes, command: str, s
 - Seconds (seed {results[0].seed}): {timing}
 
 {table(results)}
+
+CPO training (from each row's metrics.jsonl, mean over seeds; batch of the step, before its update):
+
+{training_table(results)}
 
 Against continued MLE (computed by the command from the table):
 

@@ -1,7 +1,7 @@
 """`alma-r sequence-cpo`: the table of alma_r/sequence_cpo_check.py, printed and written to the docs.
 
     alma-r sequence-cpo --seeds 1 --write-doc            (~10-15 min on one CPU core; the scorer is cached)
-    alma-r sequence-cpo --rows mle,bn,mn,tn,mixn,bnr,mnr,tnr,mixnr --write-doc     (every row of the paper)
+    alma-r sequence-cpo --rows mle,bn,mn,tn,mixn,bnr,mnr,tnr,mixnr,an,anr --write-doc   (every row of the paper)
 
 Rows: the starting MLE model, continued MLE, sequence-level CPO with BN, MN, TN, MixN negatives, with (R) or
 without the ranking signal, and WiSE-FT ensembles of the last CPO row with the start.
@@ -14,7 +14,7 @@ import os
 
 # The names of sequence_cpo_check.RUNS and DEFAULT_ROWS, written out so that `alma-r --help` does not import
 # torch (tests/test_sequence_cpo_check.py checks that they agree).
-ROW_NAMES = ("mle", "bn", "mn", "tn", "mixn", "bnr", "mnr", "tnr", "mixnr")
+ROW_NAMES = ("mle", "bn", "mn", "tn", "mixn", "bnr", "mnr", "tnr", "mixnr", "an", "anr")
 DEFAULT_ROWS = ("mle", "bn", "mn", "tn", "mixn", "mixnr")
 
 

@@ -3,6 +3,7 @@ the ground truth over its truncations, and the doc it writes must parse back to 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -15,7 +16,7 @@ SIZES = replace(
     sc.CheckSizes(),
     train_sentences=3000,
     mle_steps=100,
-    continue_sources=400,
+    continue_sources=240,  # = steps x batch: every source is used once
     steps=30,
     batch=8,
     lr=3e-4,
@@ -26,7 +27,7 @@ SIZES = replace(
     scorer_intermediate=224,
     scorer_steps=120,
     wise_alphas=(0.5,),
-    rows=("mle", "tn"),
+    rows=("mle", "an", "tn"),
 )
 
 
@@ -43,8 +44,14 @@ def test_cpo_with_truncation_negatives_prefers_the_full_ground_truth_more(result
     for row in result.metrics.values():
         assert all(math.isfinite(v) for v in row.values())
         assert row["reverse_kl"] == row["reverse_kl"] and 0 <= row["oracle"] <= 1
-    assert set(result.metrics) == {"start", "mle", "tn", "wise:tn:0.50"}
+    assert set(result.metrics) == {"start", "mle", "an", "tn", "wise:tn:0.50"}
     assert mle != start  # continued MLE trained
+    # AN negatives were generated offline into the generation stage's Parquet files and trained on
+    work = result.start_dir.parent.parent  # <work>/start/model
+    assert sorted(p.name for p in (work / "an-candidates").glob("*.parquet")) == [
+        f"an-{k}.parquet" for k in (1, 2, 3, 4)
+    ]
+    assert json.loads((work / "an" / "train_summary.json").read_text())["negative_kinds"] == ["an"] * 4
 
 
 def test_the_doc_table_parses_back_and_keeps_the_hand_written_text(result, tmp_path):
@@ -52,7 +59,7 @@ def test_the_doc_table_parses_back_and_keeps_the_hand_written_text(result, tmp_p
     doc.write_text(
         "# title\n\nintro\n\n<!-- sequence-cpo:start -->\nold\n<!-- sequence-cpo:end -->\n\nmy notes\n"
     )
-    section = sc.render_section([result], SIZES, "alma-r sequence-cpo --rows mle,tn", 60.0)
+    section = sc.render_section([result], SIZES, "alma-r sequence-cpo --rows mle,an,tn", 60.0)
     text = sc.update_doc(doc, section).read_text()
     assert text.startswith("# title\n\nintro\n") and text.endswith("\n\nmy notes\n") and "\nold\n" not in text
     parsed = sc.parse_table(text)
@@ -60,8 +67,8 @@ def test_the_doc_table_parses_back_and_keeps_the_hand_written_text(result, tmp_p
     for row, metrics in result.metrics.items():
         for key, label in sc.COLUMNS:
             assert parsed[sc.row_label(row)][label] == pytest.approx(metrics[key], abs=5e-4)
-    assert "`alma-r sequence-cpo --rows mle,tn`" in text and "exact match" in text
-    assert len(sc.comparisons([result])) == 2  # tn and the WiSE-FT row, each against continued MLE
+    assert "`alma-r sequence-cpo --rows mle,an,tn`" in text and "exact match" in text
+    assert len(sc.comparisons([result])) == 3  # an, tn and the WiSE-FT row, each against continued MLE
 
 
 def test_the_check_fails_when_the_loss_is_inverted(result, tmp_path, monkeypatch):

@@ -38,6 +38,9 @@ healthy || { cat "$work/server.log"; exit 1; }
 
 alma-r setup --gpus 1
 prefect --no-prompt deploy --all
+# the GPU pool templates of docs/deployment.md are accepted by a real server
+prefect work-pool create gpu-docker --type docker --base-job-template configs/work-pools/docker-gpu.json
+prefect work-pool create gpu-kubernetes --type kubernetes --base-job-template configs/work-pools/kubernetes-gpu.json
 setsid prefect worker start --pool cpu-process --limit 1 >"$work/worker-cpu.log" 2>&1 &
 pids+=($!)
 setsid prefect worker start --pool gpu --limit 1 >"$work/worker-gpu.log" 2>&1 &

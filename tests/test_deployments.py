@@ -52,3 +52,20 @@ def test_deploy_all_and_run_tiny_cpu_with_watch(tmp_path):
     assert run["stages"]["train"]["cached"] is False and run["stages"]["train"]["counts"]["steps"] == 4
     assert run["stages"]["generate"]["cached"] is True
     assert "alma-r-stage flow runs:" in done.stdout
+
+
+def test_gpu_work_pool_templates_request_gpus_and_reference_every_variable():
+    import re
+
+    for name in ("docker-gpu.json", "kubernetes-gpu.json"):
+        template = json.loads((REPO / "configs" / "work-pools" / name).read_text())
+        used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(template["job_configuration"])))
+        defined = set(template["variables"]["properties"])
+        # Prefect passes only variables the job configuration references (docs: customize base job templates)
+        assert defined <= used, f"{name}: defined but never used: {defined - used}"
+        assert used <= defined, f"{name}: used but not defined: {used - defined}"
+    k8s = json.loads((REPO / "configs/work-pools/kubernetes-gpu.json").read_text())
+    container = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    docker = json.loads((REPO / "configs/work-pools/docker-gpu.json").read_text())
+    assert docker["variables"]["properties"]["container_create_kwargs"]["default"] == {"runtime": "nvidia"}

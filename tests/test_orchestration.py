@@ -63,7 +63,9 @@ def prefect_server(tmp_path_factory):
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()}") from None
+                    raise RuntimeError(
+                        f"prefect server did not start:\n{(home / 'server.log').read_text()}"
+                    ) from None
                 time.sleep(0.5)
         yield {**env, "PREFECT_API_URL": url}
     finally:
@@ -261,3 +263,23 @@ def test_sharded_scoring_on_dask_equals_unsharded(tmp_path, prefect_harness):
         b = read_rows(merged.path(f"scores/{metric}"), SCORES)
         assert len(a) == 3 * len(rows)
         assert a == b
+
+
+def test_prune_cache_deletes_only_old_stage_records(tmp_path, capsys):
+    from alma_r.cli import main
+
+    old, new, other = (
+        tmp_path / "alma-r-score-abc-123",
+        tmp_path / "alma-r-train-def-456",
+        tmp_path / "someone-else",
+    )
+    for path in (old, new, other):
+        path.write_text("{}")
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(old, (ten_days_ago, ten_days_ago))
+    os.utime(other, (ten_days_ago, ten_days_ago))
+    assert main(["prune-cache", "--older-than-days", "7", "--storage", str(tmp_path), "--dry-run"]) == 0
+    assert old.exists() and "would delete 1 of 2" in capsys.readouterr().out
+    assert main(["prune-cache", "--older-than-days", "7", "--storage", str(tmp_path)]) == 0
+    assert not old.exists() and new.exists() and other.exists()
+    assert "deleted 1 of 2" in capsys.readouterr().out

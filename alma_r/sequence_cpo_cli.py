@@ -67,6 +67,7 @@ def run_sequence_cpo_cli(args: argparse.Namespace) -> int:
     if args.write_doc:
         command = f"alma-r sequence-cpo --seeds {args.seeds} --rows {','.join(rows)}"
         command += f" --steps {args.steps}" if args.steps else ""
+        command += f" --work-dir {args.work_dir}" if args.work_dir else ""
         command += " --write-doc"
         path = sc.update_doc(sc.DOC_PATH, sc.render_section(results, sizes, command, seconds))
         print(f"\nwrote {path}")

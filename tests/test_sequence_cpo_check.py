@@ -90,3 +90,13 @@ def test_the_check_fails_when_the_loss_is_inverted(result, tmp_path, monkeypatch
 
 def test_the_cli_knows_the_rows_of_the_check():
     assert sequence_cpo_cli.ROW_NAMES == tuple(sc.RUNS) and sequence_cpo_cli.DEFAULT_ROWS == sc.DEFAULT_ROWS
+
+
+def test_the_committed_doc_holds_a_full_table_written_by_the_command():
+    text = sc.DOC_PATH.read_text(encoding="utf-8")
+    assert text.count(sc.START) == 1 and text.count(sc.END) == 1 and "## What it shows" in text
+    parsed = sc.parse_table(text)
+    assert {sc.row_label(r) for r in ("start", *sc.RUNS)} <= set(parsed)
+    for row in parsed.values():
+        assert set(row) == {label for _, label in sc.COLUMNS} and all(math.isfinite(v) for v in row.values())
+    assert "- Command: `alma-r sequence-cpo --seeds" in text

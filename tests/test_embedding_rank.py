@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
+from alma_r.learning_check import one_torch_thread
 from alma_r.models import synthetic
 from alma_r.models.embedding_rank import EmbeddingRanker, ranking_from_similarities
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 
 from alma_r.data.io import SchemaError, write_table
 from alma_r.data.schemas import CANDIDATES
+from alma_r.learning_check import one_torch_thread
 from alma_r.models import synthetic
 from alma_r.models.cpo_trainer import tokenize_pair
 from alma_r.models.generation import Decoding, generate_translations
@@ -23,6 +24,14 @@ from alma_r.models.negatives import (
     read_autoregressive_samples,
     truncation_negatives,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
+    with one_torch_thread():
+        yield
+
 
 EOS = 1  # synthetic.build_tokenizer's </s>
 

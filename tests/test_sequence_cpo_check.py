@@ -12,6 +12,14 @@ import pytest
 from alma_r import sequence_cpo_check as sc
 from alma_r import sequence_cpo_cli
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
+    with sc.one_torch_thread():
+        yield
+
+
 SIZES = replace(
     sc.CheckSizes(),
     train_sentences=3000,

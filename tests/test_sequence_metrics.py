@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from alma_r.learning_check import one_torch_thread
 from alma_r.models import synthetic
 from alma_r.models.cpo_trainer import tokenize_pair
 from alma_r.models.generation import Decoding, generate_translations
@@ -25,6 +26,13 @@ P = [0.2, 0.5, 0.3]
 EXACT_KL = sum(
     q * math.log(q / p) for q, p in zip(Q, P, strict=True)
 )  # 0.5 ln 2.5 + 0.3 ln 0.6 + 0.2 ln(2/3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
+    with one_torch_thread():
+        yield
 
 
 def test_reverse_kl_monte_carlo_converges_to_the_exact_value():

@@ -8,12 +8,20 @@ import math
 import pytest
 import torch
 
+from alma_r.learning_check import one_torch_thread
 from alma_r.models import synthetic
 from alma_r.models.cpo_trainer import collate
 from alma_r.models.loading import load_model
 from alma_r.models.logprobs import CompletionLogps
 from alma_r.models.negatives import NegativeMix
 from alma_r.models.sequence_trainer import SequenceCPORecipe, SequenceCPOSettings
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

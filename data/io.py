@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -132,3 +133,18 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
 
 def read_rows(path: Path, schema: pa.Schema) -> list[dict[str, Any]]:
     return read_table(path, schema).to_pylist()
+
+
+def save_dir_atomic(out_dir: Path, write) -> Path:
+    """Write a folder under a temporary name, then rename it into place: readers never see half a folder."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

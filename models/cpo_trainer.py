@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alma_r import progress
-from alma_r.data.io import save_figure_atomic, write_json_atomic, write_text_atomic
+from alma_r.data.io import (
+    save_dir_atomic,  # noqa: F401  (re-exported: trainers save folders with it)
+    save_figure_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from alma_r.models.cpo_loss import LOSS_TYPES, preference_loss
 from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.logprobs import CompletionLogps, PackedBatch
@@ -262,21 +266,6 @@ def _scheduler(name: str, optimizer, warmup: int, total: int):
     if name == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup)
     raise ValueError(f"unknown lr_scheduler '{name}'")
-
-
-def save_dir_atomic(out_dir: Path, write) -> Path:
-    """Write a folder under a temporary name, then rename it into place: readers never see half a folder."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -18,14 +18,13 @@ drops the adverb from 80% of those with one). SFT learns the flaw; a metric that
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from alma_r.data.io import save_dir_atomic
 from alma_r.models.prompts import make_prompt
 from alma_r.models.scorers import SegmentScore
 
@@ -290,18 +289,12 @@ def build_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return save_dir_atomic(Path(out_dir), write)
 
 
 # ------------------------------------------------------------------------------------------------ metrics

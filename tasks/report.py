@@ -15,9 +15,8 @@ from pathlib import Path
 import yaml
 
 from alma_r.config import RunConfig
-from alma_r.data.io import read_rows, save_figure_atomic, write_text_atomic
+from alma_r.data.io import read_rows, save_dir_atomic, save_figure_atomic, write_text_atomic
 from alma_r.data.schemas import EVAL_RESULTS, SCORES
-from alma_r.models.cpo_trainer import save_dir_atomic
 from alma_r.tasks.prefect_stage import stage_task
 from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
 

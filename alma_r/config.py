@@ -199,6 +199,12 @@ class DecodingConfig(Section):
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(
+        50,
+        ge=0,
+        description="Sample from the k most likely tokens (0: no limit). 50 is transformers' default "
+        "and the autoregressive negatives' setting of the sequence-level CPO paper; vLLM gets the same value.",
+    )
     max_new_tokens: int = Field(64, ge=1)
     n: int = Field(1, ge=1, description="Samples per source; systems <name>-1..<name>-n when n > 1.")
     shots: Literal["none", "hw", "filtered"] = Field(

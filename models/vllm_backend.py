@@ -79,7 +79,10 @@ def _job_spec(job: VllmJob, ids: list[list[int]], indices: list[int]) -> dict:
         spec.update(beam_width=d.num_beams, temperature=0.0, length_normalization=job.length_normalization)
     elif d.do_sample:
         spec.update(
-            temperature=d.temperature, top_p=d.top_p, seeds=[prompt_seed(job.seed, i) for i in indices]
+            temperature=d.temperature,
+            top_p=d.top_p,
+            top_k=d.top_k,
+            seeds=[prompt_seed(job.seed, i) for i in indices],
         )
     else:
         spec.update(temperature=0.0, seed=job.seed)

@@ -18,7 +18,7 @@ The request (JSON):
     engine_args           optional; more keyword arguments for vllm.LLM (e.g. {"enforce_eager": true})
     jobs                  a list; each job is one batch of prompts with one decoding:
         prompts           a list of token-id lists (or "prompt_token_ids": one list, or "prompt": one string)
-        n, temperature (0 = greedy), top_p, max_tokens
+        n, temperature (0 = greedy), top_p, top_k (0 = no limit), max_tokens
         seed              the per-request sampling seed, the same for every prompt of the job; or
         seeds             one seed per prompt (vLLM gives the n samples of a request seeds seed..seed+n-1)
         beam_width        optional; beam search (LLM.beam_search) when > 1, returning the n best beams
@@ -196,6 +196,8 @@ def _sampling_job(llm, prompts: list[dict], job: dict, lora) -> list[dict]:
             n=int(job.get("n", 1)),
             temperature=temperature,
             top_p=float(job.get("top_p", 1.0)) if temperature > 0 else 1.0,
+            # vLLM's "no limit" is -1; ours (and transformers') is 0
+            top_k=(int(job.get("top_k", 0)) or -1) if temperature > 0 else -1,
             max_tokens=int(job["max_tokens"]),
             seed=seed,
             skip_special_tokens=True,

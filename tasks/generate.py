@@ -119,6 +119,7 @@ def translate(
         do_sample=system.do_sample,
         temperature=system.temperature,
         top_p=system.top_p,
+        top_k=system.top_k,
         max_new_tokens=system.max_new_tokens,
     )
     seed = cfg.run.seed
@@ -201,6 +202,7 @@ def run_generate(
                 "do_sample": system.do_sample,
                 "temperature": system.temperature,
                 "top_p": system.top_p,
+                "top_k": system.top_k,
                 "max_new_tokens": system.max_new_tokens,
                 "n": system.n,
                 "shots": system.shots,

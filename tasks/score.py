@@ -163,6 +163,41 @@ def score_merge_stage(
     return run_stage(score_key(cfg, run_dir, segments, candidates), merge)
 
 
-score_task = stage_task(score_stage, score_key, gpu=True)
+def score_summary(result: StageResult) -> list[dict]:
+    """Mean score and count per (metric, system): what the UI table shows."""
+    table = []
+    for name in sorted(k for k in result.outputs if k.startswith("scores/")):
+        by_system: dict[str, list[float]] = defaultdict(list)
+        for row in read_rows(result.path(name), SCORES):
+            by_system[row["system"]].append(row["score"])
+        for system, values in by_system.items():
+            mean = sum(values) / len(values)
+            table.append(
+                {
+                    "metric": name.removeprefix("scores/"),
+                    "system": system,
+                    "mean": round(mean, 4),
+                    "n": len(values),
+                }
+            )
+    return table
+
+
+def publish_scores(cfg: RunConfig, result: StageResult) -> None:
+    """The per-system score means as a Prefect table artifact."""
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        slug = cfg.run.name.lower().replace("_", "-")
+        create_table_artifact(
+            table=score_summary(result),
+            key=f"alma-r-scores-{slug}",
+            description="Mean score per metric and system",
+        )
+    except Exception as err:  # the Parquet on disk is what matters; the UI copy is a convenience
+        print(f"[score] could not publish the scores artifact: {err}")
+
+
+score_task = stage_task(score_stage, score_key, gpu=True, publish=publish_scores)
 score_shard_task = stage_task(score_shard_stage, score_shard_key, gpu=True)
-score_merge_task = stage_task(score_merge_stage, score_merge_key)
+score_merge_task = stage_task(score_merge_stage, score_merge_key, publish=publish_scores)

@@ -168,4 +168,4 @@ def test_ui_artifacts_progress_tables_and_report(finished_run):
     assert {"sft", "generate", "score", "train", "evaluate"} <= stages
     assert all(float(a.data) == 100.0 for a in progress)
     keys = {a.key for a in artifacts if a.key}
-    assert {"alma-r-train-metrics", "alma-r-eval-tiny", "alma-r-report-tiny"} <= keys
+    assert {"alma-r-train-metrics", "alma-r-eval-tiny", "alma-r-report-tiny", "alma-r-scores-tiny"} <= keys

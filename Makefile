@@ -34,7 +34,7 @@ demo: $(READY)
 	$(VENV)/bin/alma-r run --config $(CONFIG)
 
 test: $(READY) $(VLLM_READY)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile  # 2 workers, one test file each: ~9 min instead of ~17
 
 lint: $(READY)
 	$(VENV)/bin/ruff check .

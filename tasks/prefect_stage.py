@@ -163,7 +163,7 @@ class ProgressArtifact:
 
         last = None
         while not self.stop.wait(2.0):
-            self._update(update_progress_artifact, last)
+            last = self._update(update_progress_artifact, last)
 
     def _update(self, update, last=None):
         try:
@@ -175,7 +175,7 @@ class ProgressArtifact:
                     description=f"{self.name}: {state['what']} {state['done']}/{state['total']}",
                 )
             return state
-        except (OSError, ValueError, KeyError):
+        except Exception:  # no progress file yet, or the API hiccuped: try again at the next tick
             return last
 
     def __exit__(self, *exc):
@@ -185,8 +185,9 @@ class ProgressArtifact:
 
             self.thread.join(timeout=5)
             try:
+                ended = "ended" if exc[0] is None else f"failed ({exc[0].__name__})"
                 update_progress_artifact(
-                    self.artifact, 100.0 if exc[0] is None else 0.0, description=f"{self.name}: ended"
+                    self.artifact, 100.0 if exc[0] is None else 0.0, description=f"{self.name}: {ended}"
                 )
             except Exception:
                 pass

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from alma_r.cli_args import add_config_arguments
 from alma_r.config import ConfigError, load_config
 from alma_r.evaluate_cli import add_evaluate_parser, run_evaluate_cli
 from alma_r.judge_cli import add_judge_parser
@@ -22,19 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole build-alma-r flow in-process")
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
-    for p in (run, check):
-        p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
-        p.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. --set train.beta=0.2 (repeatable)",
-        )
-    run.add_argument(
-        "--force", action="append", default=[], metavar="STAGE", help="recompute this stage (repeatable; all)"
-    )
+    add_config_arguments(run, "configs/tiny.yaml")
+    add_config_arguments(check, "configs/tiny.yaml", force=False)
     add_train_parser(sub)
     add_published_parser(sub)
     add_evaluate_parser(sub)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from alma_r.cli_args import add_config_arguments
+
 
 def add_sequence_run_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -18,18 +20,7 @@ def add_sequence_run_parser(sub) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/sequence-cpo/dolly-tiny.yaml")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.beta=2 (repeatable)",
-    )
-    p.add_argument(
-        "--force", action="append", default=[], metavar="STAGE", help="recompute this stage (repeatable; all)"
-    )
+    add_config_arguments(p, "configs/sequence-cpo/dolly-tiny.yaml")
     p.set_defaults(handler=run_sequence_run_cli)
     return p
 

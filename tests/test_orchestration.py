@@ -283,3 +283,33 @@ def test_prune_cache_deletes_only_old_stage_records(tmp_path, capsys):
     assert main(["prune-cache", "--older-than-days", "7", "--storage", str(tmp_path)]) == 0
     assert not old.exists() and new.exists() and other.exists()
     assert "deleted 1 of 2" in capsys.readouterr().out
+
+
+def test_a_failing_stage_process_reports_its_error_and_is_not_retried(tmp_path):
+    """The child's one-line error reaches the flow; bad input is not transient, a killed child is."""
+    from prefect.states import Failed
+
+    from alma_r.config import load_config
+    from alma_r.tasks.ingest import ingest_stage
+    from alma_r.tasks.prefect_stage import (
+        StageProcessError,
+        retry_if_transient,
+        run_in_child_process,
+        stage_request,
+    )
+
+    cfg = load_config(mini_config(tmp_path), ["ingest.sources=[]"])
+    request = stage_request(ingest_stage, cfg, tmp_path / "run", ())
+    with pytest.raises(StageProcessError) as failed:
+        run_in_child_process("ingest", request, tmp_path / "run", tmp_path / "progress.json")
+    assert "IngestError: <config>:0: ingest.sources is empty" in str(failed.value)
+    assert failed.value.transient is False
+    assert not list((tmp_path / "run" / ".stage-requests").iterdir()), "request/response files left behind"
+
+    def state_of(err):
+        return Failed(data=err)
+
+    assert retry_if_transient(None, None, state_of(failed.value)) is False
+    assert retry_if_transient(None, None, state_of(StageProcessError("killed", transient=True))) is True
+    assert retry_if_transient(None, None, state_of(ConnectionError("reset"))) is True
+    assert retry_if_transient(None, None, state_of(ValueError("bad row"))) is False

@@ -22,11 +22,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from alma_r.data.io import save_dir_atomic
 from alma_r.models.prompts import make_prompt
 from alma_r.models.scorers import SegmentScore
+from alma_r.models.tiny import build_tiny_model
 
 # ------------------------------------------------------------------------------------------------- grammar
 
@@ -270,31 +268,18 @@ def build_model(
 ) -> Path:
     """A randomly initialised LLaMA (width 128, 2 layers of 2 heads x 64, ~350k parameters) and the word-level
     tokenizer, saved (safetensors) to `out_dir` atomically: the folder the project's loaders and trainer take."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return build_tiny_model(
+        [],
+        out_dir,
+        vocab_size=0,  # unused: the word-level tokenizer is given
         hidden_size=hidden_size,
         num_hidden_layers=layers,
         num_attention_heads=hidden_size // 64,
-        num_key_value_heads=hidden_size // 64,
-        head_dim=64,
         intermediate_size=intermediate_size,
         max_position_embeddings=64,  # the longest prompt + translation is 24 tokens
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        seed=seed,
+        tokenizer=build_tokenizer(),
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-
-    return save_dir_atomic(Path(out_dir), write)
 
 
 # ------------------------------------------------------------------------------------------------ metrics

@@ -37,7 +37,7 @@ from prefect.cache_policies import CachePolicy
 from alma_r.config import RunConfig, config_to_json
 from alma_r.progress import ENV as PROGRESS_ENV
 from alma_r.tasks.stage import StageKey, StageResult
-from alma_r.tasks.stage_process import encode
+from alma_r.tasks.stage_process import encode, is_transient
 
 RETRIES = 2
 
@@ -66,10 +66,8 @@ def retry_if_transient(task, task_run, state) -> bool:
         state.result()
     except StageProcessError as err:
         return err.transient
-    except (ConnectionError, TimeoutError):
-        return True
-    except BaseException:
-        return False
+    except BaseException as err:
+        return is_transient(err)  # a stage that ran in the flow's process: the same rule as in a child
     return False
 
 

@@ -16,6 +16,7 @@ from alma_r.flows.run_record import RunRecord
 from alma_r.tasks.evaluate import evaluate_task
 from alma_r.tasks.generate import generate_task
 from alma_r.tasks.ingest import ingest_task
+from alma_r.tasks.prefect_stage import clear_scratch
 from alma_r.tasks.prepare_model import prepare_model_task
 from alma_r.tasks.report import report_task
 from alma_r.tasks.score import score_merge_task, score_shard_task, score_task
@@ -88,6 +89,7 @@ def build_alma_r(
         raise ValueError(f"force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     cfg = load_config(config_path, overrides)
     run_dir = run_dir_for(cfg)
+    clear_scratch(run_dir)
     record = RunRecord(run_dir, config_path, overrides, cfg.model_dump(mode="json"))
     done: list[StageResult] = []
 

@@ -18,6 +18,7 @@ from prefect import flow
 from alma_r.flows.build_alma_r import run_cached
 from alma_r.flows.run_record import RunRecord
 from alma_r.sequence_config import SequenceRunConfig, load_sequence_config
+from alma_r.tasks.prefect_stage import clear_scratch
 from alma_r.tasks.sequence_evaluate import evaluate_task, judge_task, report_task
 from alma_r.tasks.sequence_stages import (
     generate_task,
@@ -77,6 +78,7 @@ def sequence_cpo(
         raise ValueError(f"force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     cfg = load_sequence_config(config_path, overrides)
     run_dir = (Path(cfg.run.root) / cfg.run.name).resolve()
+    clear_scratch(run_dir)
     record = RunRecord(run_dir, config_path, overrides, cfg.model_dump(mode="json"))
     record.data["flow"] = "sequence-cpo"
     record.data["code_version"] = code_version(__name__)

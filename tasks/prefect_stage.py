@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,9 +91,20 @@ def stage_request(fn: Callable, cfg: RunConfig, run_dir: Path, args: tuple) -> d
     }
 
 
+def scratch_dir(run_dir: Path) -> Path:
+    """Where stage requests, responses and progress files live while a stage runs."""
+    return Path(run_dir) / ".scratch"
+
+
+def clear_scratch(run_dir: Path) -> None:
+    """A flow run starts by removing what a killed run left in the scratch folder (a half-written progress
+    file, an unanswered request): nothing in it outlives the stage that wrote it."""
+    shutil.rmtree(scratch_dir(run_dir), ignore_errors=True)
+
+
 def run_in_child_process(name: str, request: dict, run_dir: Path, progress: Path) -> StageResult:
     """Run the stage in `python -m alma_r.tasks.stage_process`, wait, and read its StageResult."""
-    exchange = Path(run_dir) / ".stage-requests"
+    exchange = scratch_dir(run_dir)
     exchange.mkdir(parents=True, exist_ok=True)
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
     request_path, response_path = exchange / f"{tag}.request.json", exchange / f"{tag}.response.json"
@@ -196,7 +208,8 @@ def run_gpu_stage(name: str, fn: Callable, cfg: RunConfig, run_dir: Path, args: 
     """A GPU stage holds a slot of the `gpu` limit and runs away from the flow's process."""
     from prefect.concurrency.sync import concurrency
 
-    progress = Path(run_dir) / f".progress-{name}-{uuid.uuid4().hex[:8]}.json"
+    scratch_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    progress = scratch_dir(run_dir) / f"progress-{name}-{uuid.uuid4().hex[:8]}.json"
     with concurrency(cfg.run.gpu_limit, occupy=1, strict=False), ProgressArtifact(name, progress):
         if not cfg.run.stage_processes:
             os.environ[PROGRESS_ENV] = str(progress)

@@ -304,7 +304,7 @@ def test_a_failing_stage_process_reports_its_error_and_is_not_retried(tmp_path):
         run_in_child_process("ingest", request, tmp_path / "run", tmp_path / "progress.json")
     assert "IngestError: <config>:0: ingest.sources is empty" in str(failed.value)
     assert failed.value.transient is False
-    assert not list((tmp_path / "run" / ".stage-requests").iterdir()), "request/response files left behind"
+    assert not list((tmp_path / "run" / ".scratch").iterdir()), "request/response files left behind"
 
     def state_of(err):
         return Failed(data=err)

@@ -99,9 +99,9 @@ def build_pairs(args, model_path: Path) -> list[dict]:
     """WMT'22 pairs: chosen = ALMA-13B-R's translation, rejected = the reference. Directions alternate, lines are
     visited in a seeded random order, and a pair is kept only when the TRL-convention tokenisation fits the limits
     (both engines then see every pair whole)."""
-    from alma_r.models.cpo_trainer import tokenize_pairs
     from alma_r.models.loading import load_tokenizer
     from alma_r.models.prompts import make_prompt
+    from alma_r.models.train.recipe import tokenize_pairs
 
     tokenizer = load_tokenizer(str(model_path))
     root = args.data_dir / "outputs" / "wmt22_outputs"
@@ -138,7 +138,7 @@ def build_pairs(args, model_path: Path) -> list[dict]:
 
 def step_order(n_pairs: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """The pair indices of each optimizer step, as our engine draws them (its own method, called on a stand-in)."""
-    from alma_r.models.cpo_trainer import CPORecipe
+    from alma_r.models.train.recipe import CPORecipe
 
     me = SimpleNamespace(examples=range(n_pairs), pairs_per_step=batch_size, s=SimpleNamespace(seed=seed))
     return [CPORecipe._step_indices(me, k) for k in range(steps)]
@@ -183,8 +183,8 @@ def token_counts(model_path: Path, pairs: list[dict], order: list[list[int]]) ->
     """Per step: the real tokens of both sequences of each pair (prompt counted twice, as in a plain layout), and
     the padded tokens each engine's layout pushes through the decoder (ours: one row per pair holding prompt +
     chosen + rejected; TRL: two rows per pair, chosen and rejected, each with the prompt)."""
-    from alma_r.models.cpo_trainer import tokenize_pairs
     from alma_r.models.loading import load_tokenizer
+    from alma_r.models.train.recipe import tokenize_pairs
 
     ex, _ = tokenize_pairs(load_tokenizer(str(model_path)), pairs, MAX_PROMPT_LENGTH, MAX_LENGTH, "trl")
     real, ours, trl = [], [], []
@@ -198,7 +198,7 @@ def token_counts(model_path: Path, pairs: list[dict], order: list[list[int]]) ->
 
 
 def run_ours(args, model_path: Path, pairs: list[dict], work: Path) -> dict:
-    from alma_r.models.cpo_trainer import CPORecipe, TrainSettings, read_metrics
+    from alma_r.models.train.recipe import CPORecipe, TrainSettings, read_metrics
 
     bf16 = args.dtype == "bfloat16"
     settings = TrainSettings(

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from alma_r.config import SAMPLE_DIR
-from alma_r.models.generation import Decoding, generate_translations
+from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.prompts import make_prompt, postprocess
 from alma_r.models.tiny import build_tiny_model

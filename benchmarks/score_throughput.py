@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/score_throughput.py [--segments 200] [--kind xcomet]
 
-A tiny COMET checkpoint is built offline (models/tiny_comet.py), so the numbers measure the pipeline around
+A tiny COMET checkpoint is built offline (models/score/tiny_comet.py), so the numbers measure the pipeline around
 the model (batching, Lightning's predict, dedup, cache), not a real XXL model. The candidate set is what the
 score stage sees in ALMA-R: per source the reference and two systems, where one system's output equals the
 reference for 30% of the sources (a common case: a system copying a short reference). All three modes score
@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from alma_r.config import SAMPLE_DIR
-from alma_r.models.comet_scorer import CometScorer
-from alma_r.models.score_cache import ScoreCache
-from alma_r.models.scoring import score_items
+from alma_r.models.score.cache import ScoreCache
+from alma_r.models.score.comet_scorer import CometScorer
+from alma_r.tasks.shared.scoring import score_items
 
 
 def candidate_set(n: int, seed: int = 0) -> list[tuple[dict, str, str, list[str]]]:
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
-    from alma_r.models.tiny_comet import build_tiny_comet
+    from alma_r.models.score.tiny_comet import build_tiny_comet
 
     tmp = Path(tempfile.mkdtemp(prefix="alma-r-score-bench-"))
     items = candidate_set(args.segments)

@@ -1,7 +1,7 @@
 """The `build-alma-r` flow: ingest -> [prepare model -> SFT] -> generate -> score -> select -> train -> evaluate
 -> report. It reads like the diagram in docs/architecture.md: stages exchange only files (StageResult paths).
 
-Each stage is a cached Prefect task (tasks/prefect_stage.py): a new flow run, or a rerun after a crash, finds the
+Each stage is a cached Prefect task (tasks/runtime/prefect_stage.py): a new flow run, or a rerun after a crash, finds the
 finished stages Cached and recomputes only what is missing; `force` recomputes the named stages.
 """
 
@@ -16,13 +16,13 @@ from alma_r.flows.run_record import RunRecord
 from alma_r.tasks.evaluate import evaluate_task
 from alma_r.tasks.generate import generate_task
 from alma_r.tasks.ingest import ingest_task
-from alma_r.tasks.prefect_stage import clear_scratch
 from alma_r.tasks.prepare_model import prepare_model_task
 from alma_r.tasks.report import report_task
+from alma_r.tasks.runtime.prefect_stage import clear_scratch
+from alma_r.tasks.runtime.stage import StageResult, force_recompute, is_complete
 from alma_r.tasks.score import score_merge_task, score_shard_task, score_task
 from alma_r.tasks.select import select_task
 from alma_r.tasks.sft import sft_task
-from alma_r.tasks.stage import StageResult, force_recompute, is_complete
 from alma_r.tasks.train import train_task
 
 STAGES = ("ingest", "prepare_model", "sft", "generate", "score", "select", "train", "evaluate", "report")

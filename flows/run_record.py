@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alma_r import __version__
 from alma_r.data.io import write_json_atomic
-from alma_r.tasks.stage import StageResult, code_version
+from alma_r.tasks.runtime.stage import StageResult, code_version
 
 
 class RunRecord:

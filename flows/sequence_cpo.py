@@ -5,7 +5,7 @@
            -> wise_ft (alpha grid) ; scorer (P-hat) -> evaluate (eq. 9, eq. 10) -> judge (when configured)
            -> report
 
-Stages are cached Prefect tasks (tasks/prefect_stage.py) over files; the GPU ones (mle, generate, train,
+Stages are cached Prefect tasks (tasks/runtime/prefect_stage.py) over files; the GPU ones (mle, generate, train,
 scorer, evaluate) run in child processes. A rerun with the same config finds every stage cached.
 """
 
@@ -15,12 +15,13 @@ from pathlib import Path
 
 from prefect import flow
 
+from alma_r.config.sequence import SequenceRunConfig, load_sequence_config
 from alma_r.flows.build_alma_r import run_cached
 from alma_r.flows.run_record import RunRecord
-from alma_r.sequence_config import SequenceRunConfig, load_sequence_config
-from alma_r.tasks.prefect_stage import clear_scratch
-from alma_r.tasks.sequence_evaluate import evaluate_task, judge_task, report_task
-from alma_r.tasks.sequence_stages import (
+from alma_r.tasks.runtime.prefect_stage import clear_scratch
+from alma_r.tasks.runtime.stage import StageResult, code_version
+from alma_r.tasks.sequence.evaluate_tmp import evaluate_task, judge_task, report_task
+from alma_r.tasks.sequence.stages_tmp import (
     generate_task,
     ingest_task,
     mle_task,
@@ -29,7 +30,6 @@ from alma_r.tasks.sequence_stages import (
     train_task,
     wise_ft_task,
 )
-from alma_r.tasks.stage import StageResult, code_version
 
 STAGES = (
     "ingest",
@@ -70,7 +70,7 @@ def sequence_cpo(
     config_path: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
 ) -> str:
     """Train MLE and sequence-level CPO models on Dolly-style data, ensemble them, evaluate; returns the run
-    folder. config_path: YAML (alma_r/sequence_config.py; default: its defaults); overrides: `a.b=value`;
+    folder. config_path: YAML (alma_r/config/sequence.py; default: its defaults); overrides: `a.b=value`;
     force: stages to recompute (or ["all"])."""
     overrides, force = list(overrides or []), set(force or [])
     unknown = force - set(STAGES) - {"all"}

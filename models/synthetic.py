@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alma_r.models.prompts import make_prompt
-from alma_r.models.scorers import SegmentScore
+from alma_r.models.score.scorers import SegmentScore
 from alma_r.models.tiny import build_tiny_model
 
 # ------------------------------------------------------------------------------------------------- grammar
@@ -170,7 +170,7 @@ def oracle_score(src: str, hypothesis: str) -> float:
 
 
 class OracleScorer:
-    """The task's perfect quality metric, behind the project's scorer interface (models/scorers.py).
+    """The task's perfect quality metric, behind the project's scorer interface (models/score/scorers.py).
 
     Reference-free: like KIWI it sees only the source and the candidate, so the flawed reference competes
     with the samples on equal terms."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build .venv-vllm: the separate environment the vLLM generation backend runs in (models/vllm_worker.py).
+# Build .venv-vllm: the separate environment the vLLM generation backend runs in (models/generate/vllm_worker.py).
 # vLLM pins its own torch and needs transformers>=5.16, which the main .venv (transformers 4.57, held there by
 # unbabel-comet) cannot hold. Idempotent: does nothing while $VENV/.ready is newer than this script.
 #
@@ -43,7 +43,7 @@ for pkg in torchvision torchaudio torchcodec; do
     fi
 done
 
-# Smoke import: everything models/vllm_worker.py uses.
+# Smoke import: everything models/generate/vllm_worker.py uses.
 "$PY" - <<'PY'
 import torch
 import transformers

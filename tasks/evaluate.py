@@ -10,15 +10,15 @@ from alma_r.config import RunConfig, config_base_dir, resolve_path
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.readers import IngestError, read_lines
 from alma_r.data.schemas import EVAL_RESULTS, HYPOTHESES, SCORES, SEGMENTS
-from alma_r.models.generation import Decoding, generate_translations
+from alma_r.models.evaluate.significance import sacrebleu_paired_bs, segment_paired_bs
+from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer, pick_device
 from alma_r.models.prompts import make_prompt
-from alma_r.models.score_cache import ScoreCache
-from alma_r.models.scorers import corpus_score, sentence_scores
-from alma_r.models.scoring import cache_path_for, make_scorer, score_items
-from alma_r.models.significance import sacrebleu_paired_bs, segment_paired_bs
-from alma_r.tasks.prefect_stage import stage_task
-from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.models.score.cache import ScoreCache
+from alma_r.models.score.scorers import corpus_score, sentence_scores
+from alma_r.tasks.runtime.prefect_stage import stage_task
+from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.shared.scoring import cache_path_for, make_scorer, score_items
 
 METRICS = ("bleu", "chrf")
 

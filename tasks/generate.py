@@ -14,11 +14,11 @@ from alma_r.config import DecodingConfig, RunConfig, config_base_dir, resolve_pa
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.readers import IngestError, read_lines
 from alma_r.data.schemas import CANDIDATES, SEGMENTS
-from alma_r.models.generation import Decoding, generate_translations
+from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer, model_identity, pick_device
 from alma_r.models.prompts import load_shots, make_prompt
-from alma_r.tasks.prefect_stage import stage_task
-from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.runtime.prefect_stage import stage_task
+from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def preference_sources(segments: list[dict], max_per_lp: int | None) -> list[dict]:
@@ -129,7 +129,7 @@ def translate(
             "adapter": None,
         }
     if system.backend == "openai":
-        from alma_r.models.openai_backend import EndpointConfig, translate_via_endpoint
+        from alma_r.models.generate.openai_backend import EndpointConfig, translate_via_endpoint
 
         endpoint = EndpointConfig(**system.endpoint.model_dump())
         cache = Path(cfg.run.root).resolve() / "_cache" / "requests.sqlite"
@@ -152,7 +152,7 @@ def translate(
     model, tokenizer = policy.get()
     identity = model_identity(policy.model_path, policy.adapter)
     if system.backend == "vllm":
-        from alma_r.models.vllm_backend import generate_with_vllm
+        from alma_r.models.generate.vllm_backend import generate_with_vllm
 
         python = str(resolve_path(system.vllm_python, Path.cwd()))
         outs = generate_with_vllm(

@@ -9,8 +9,8 @@ from alma_r.config import RunConfig, SourceConfig, config_base_dir, resolve_path
 from alma_r.data.io import write_table
 from alma_r.data.readers import IngestError, read_aligned_text, read_alma_json, read_sacrebleu_test_set
 from alma_r.data.schemas import SEGMENTS
-from alma_r.tasks.prefect_stage import stage_task
-from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.runtime.prefect_stage import stage_task
+from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def source_files(source: SourceConfig, base_dir: Path) -> list[Path]:

@@ -8,8 +8,8 @@ from alma_r.config import RunConfig
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import SEGMENTS
 from alma_r.models.tiny import build_tiny_model
-from alma_r.tasks.prefect_stage import stage_task
-from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.runtime.prefect_stage import stage_task
+from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def run_prepare_model(cfg: RunConfig, segments_path: Path, out_dir: Path) -> tuple[dict, dict]:

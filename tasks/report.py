@@ -17,8 +17,8 @@ import yaml
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows, save_dir_atomic, save_figure_atomic, write_text_atomic
 from alma_r.data.schemas import EVAL_RESULTS, SCORES
-from alma_r.tasks.prefect_stage import stage_task
-from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.runtime.prefect_stage import stage_task
+from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -11,10 +11,10 @@ from pathlib import Path
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import SEGMENTS
-from alma_r.models.cpo_trainer import CPORecipe, TrainSettings, plot_curves
 from alma_r.models.prompts import make_prompt
-from alma_r.tasks.prefect_stage import stage_task
-from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.models.train.recipe import CPORecipe, TrainSettings, plot_curves
+from alma_r.tasks.runtime.prefect_stage import stage_task
+from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def run_sft(cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path) -> tuple[dict, dict]:

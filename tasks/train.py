@@ -7,9 +7,9 @@ from pathlib import Path
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import PAIRS
-from alma_r.models.cpo_trainer import CPORecipe, TrainSettings, plot_curves, read_metrics
-from alma_r.tasks.prefect_stage import stage_task
-from alma_r.tasks.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.models.train.recipe import CPORecipe, TrainSettings, plot_curves, read_metrics
+from alma_r.tasks.runtime.prefect_stage import stage_task
+from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 
 
 def train_settings(cfg: RunConfig, continues_adapter: bool) -> TrainSettings:

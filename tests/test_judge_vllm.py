@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from alma_r.models.judge import (
+from alma_r.models.evaluate.judge import (
     MARKDOWN_HEADER,
     ORDERS,
     JudgeConfig,
@@ -19,7 +19,7 @@ from alma_r.models.judge import (
     parse_answer,
     wilson_interval,
 )
-from alma_r.models.openai_backend import EndpointConfig
+from alma_r.models.generate.openai_backend import EndpointConfig
 from tests.test_openai_backend import FaultyProxy
 from tests.test_vllm_serve import VLLM_BIN
 

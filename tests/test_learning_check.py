@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import pytest
 
-import alma_r.models.cpo_trainer as cpo_trainer
-from alma_r.learning_check import (
+import alma_r.models.train.recipe as cpo_trainer
+from alma_r.experiments.learning_check import (
     VARIANTS,
     Sizes,
     ablation_table,
@@ -27,8 +27,8 @@ from alma_r.learning_check import (
 )
 from alma_r.models import synthetic
 from alma_r.models.loading import load_tokenizer
-from alma_r.models.score_cache import ScoreCache
-from alma_r.models.scoring import score_items
+from alma_r.models.score.cache import ScoreCache
+from alma_r.tasks.shared.scoring import score_items
 
 SEEDS = (0, 1, 2)
 # 750 SFT steps instead of 1000 (the samples are still good enough to be chosen over the reference for about

@@ -1,4 +1,4 @@
-"""The contract of each synthetic-negative sampler (models/negatives.py)."""
+"""The contract of each synthetic-negative sampler (models/sequence/negatives.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import torch
 
 from alma_r.data.io import SchemaError, write_table
 from alma_r.data.schemas import CANDIDATES
-from alma_r.learning_check import one_torch_thread
+from alma_r.experiments.learning_check import one_torch_thread
 from alma_r.models import synthetic
-from alma_r.models.cpo_trainer import tokenize_pair
-from alma_r.models.generation import Decoding, generate_translations
+from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer
-from alma_r.models.negatives import (
+from alma_r.models.sequence.negatives import (
     NegativeMix,
     autoregressive_negatives,
     batch_negatives,
@@ -24,6 +23,7 @@ from alma_r.models.negatives import (
     read_autoregressive_samples,
     truncation_negatives,
 )
+from alma_r.models.train.recipe import tokenize_pair
 
 
 @pytest.fixture(scope="module", autouse=True)

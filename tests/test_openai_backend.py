@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from alma_r.models.openai_backend import EndpointConfig, EndpointError, translate_via_endpoint
+from alma_r.models.generate.openai_backend import EndpointConfig, EndpointError, translate_via_endpoint
 from alma_r.models.prompts import make_prompt
 
 SECRET = "sk-test-do-not-log-0123456789"

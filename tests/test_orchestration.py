@@ -121,7 +121,7 @@ print(json.dumps(out))
 def test_sigkill_in_score_then_in_train_resumes_only_the_killed_stage(prefect_server, tmp_path):
     from alma_r.data.io import read_rows
     from alma_r.data.schemas import PAIRS
-    from alma_r.models.tiny_comet import build_tiny_comet
+    from alma_r.models.score.tiny_comet import build_tiny_comet
     from tests.conftest import SAMPLE_DIR
 
     texts = (SAMPLE_DIR / "human_written/deen/train.de-en.en").read_text().splitlines()[:200]
@@ -182,7 +182,7 @@ def test_sigkill_in_score_then_in_train_resumes_only_the_killed_stage(prefect_se
 
 
 def test_editing_a_helper_invalidates_the_stages_that_import_it(tmp_path):
-    from alma_r.tasks.stage import code_version, module_closure
+    from alma_r.tasks.runtime.stage import code_version, module_closure
 
     # a copy of the sources, laid out as the package maps them (pyproject's package-dir)
     roots = {
@@ -209,8 +209,8 @@ def test_editing_a_helper_invalidates_the_stages_that_import_it(tmp_path):
         return None
 
     score, ingest = "alma_r.tasks.score", "alma_r.tasks.ingest"
-    assert "alma_r.models.scorers" in module_closure(score, locate)
-    assert "alma_r.models.scorers" not in module_closure(ingest, locate)
+    assert "alma_r.models.score.scorers" in module_closure(score, locate)
+    assert "alma_r.models.score.scorers" not in module_closure(ingest, locate)
     before = {m: code_version(m, locate) for m in (score, ingest)}
     helper = tmp_path / "models" / "scorers.py"
     helper.write_text(helper.read_text().replace("def ", "def  ", 1))  # a one-character edit of a helper
@@ -225,8 +225,8 @@ def test_sharded_scoring_on_dask_equals_unsharded(tmp_path, prefect_harness):
     from alma_r.data.schemas import CANDIDATES, SCORES, SEGMENTS
     from alma_r.flows.build_alma_r import score_shards, task_runner_for
     from alma_r.tasks.ingest import ingest_stage
+    from alma_r.tasks.runtime.stage import StageResult
     from alma_r.tasks.score import score_merge_stage, score_stage
-    from alma_r.tasks.stage import StageResult
 
     config = mini_config(tmp_path)
     base = ["score.metrics=[chrf, consensus_chrf]", "run.stage_processes=false"]
@@ -291,7 +291,7 @@ def test_a_failing_stage_process_reports_its_error_and_is_not_retried(tmp_path):
 
     from alma_r.config import load_config
     from alma_r.tasks.ingest import ingest_stage
-    from alma_r.tasks.prefect_stage import (
+    from alma_r.tasks.runtime.prefect_stage import (
         StageProcessError,
         retry_if_transient,
         run_in_child_process,

@@ -11,11 +11,11 @@ from sacrebleu.metrics import CHRF
 from alma_r.config import load_config
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.schemas import CANDIDATES, SCORES, SEGMENTS
-from alma_r.models import scorers
-from alma_r.models.score_cache import ScoreCache, score_key
-from alma_r.models.scorers import SegmentScore
-from alma_r.models.scoring import ScoringError
+from alma_r.models.score import scorers
+from alma_r.models.score.cache import ScoreCache, score_key
+from alma_r.models.score.scorers import SegmentScore
 from alma_r.tasks.score import run_score
+from alma_r.tasks.shared.scoring import ScoringError
 
 SEGS = [
     {
@@ -151,8 +151,8 @@ def test_a_nan_score_is_refused_with_segment_and_system(inputs, tmp_path, monkey
 
 def test_comet_metrics_through_the_stage_then_zero_forward_passes(inputs, tmp_path, monkeypatch):
     pytest.importorskip("comet")
-    from alma_r.models import comet_scorer
-    from alma_r.models.tiny_comet import build_tiny_comet
+    from alma_r.models.score import comet_scorer
+    from alma_r.models.score.tiny_comet import build_tiny_comet
 
     texts = [s["src"] for s in SEGS] + [s["ref"] for s in SEGS] + ["Good morning", "Thanks", "Morning good"]
     kiwi = build_tiny_comet(tmp_path / "kiwi", "kiwi", texts)
@@ -192,7 +192,7 @@ def test_comet_metrics_through_the_stage_then_zero_forward_passes(inputs, tmp_pa
 
 def test_two_worker_processes_give_the_single_process_scores(inputs, tmp_path):
     pytest.importorskip("comet")
-    from alma_r.models.tiny_comet import build_tiny_comet
+    from alma_r.models.score.tiny_comet import build_tiny_comet
 
     texts = [s["src"] for s in SEGS] + [s["ref"] for s in SEGS] + ["Good morning", "Thanks", "Morning good"]
     kiwi = build_tiny_comet(tmp_path / "kiwi", "kiwi", texts)

@@ -1,4 +1,4 @@
-"""String metrics (models/scorers.py) agree with sacrebleu's own command line on the bundled sample."""
+"""String metrics (models/score/scorers.py) agree with sacrebleu's own command line on the bundled sample."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from alma_r.config import SAMPLE_DIR
-from alma_r.models.scorers import bleu_tokenize, corpus_score, sentence_scores
+from alma_r.models.score.scorers import bleu_tokenize, corpus_score, sentence_scores
 
 SACREBLEU = Path(sys.executable).parent / "sacrebleu"
 

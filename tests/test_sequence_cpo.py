@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from alma_r.models.cpo_loss import preference_loss
-from alma_r.models.sequence_cpo import best_of_k_loss, plackett_luce_loss
+from alma_r.models.sequence.losses import best_of_k_loss, plackett_luce_loss
+from alma_r.models.train.losses import preference_loss
 
 # Two examples, K = 3 (column 0 = ground truth). Log-ratios d = policy - ref:
 #   example 0: (-2+3, -4+3, -3+3) = (1, -1, 0)        example 1: (-6+5, -2+4, -7+7) = (-1, 2, 0)

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from alma_r import sequence_cpo_check as sc
-from alma_r import sequence_cpo_cli
+from alma_r.cli import sequence_cpo as sequence_cpo_cli
+from alma_r.experiments import sequence_cpo_check as sc
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -82,7 +82,7 @@ def test_the_doc_table_parses_back_and_keeps_the_hand_written_text(result, tmp_p
 def test_the_check_fails_when_the_loss_is_inverted(result, tmp_path, monkeypatch):
     """The same TN row with the ground truth and the negatives' roles swapped (log-ratios negated) must not
     pass the margin check: the check can tell a working loss from a broken one."""
-    import alma_r.models.sequence_trainer as trainer
+    import alma_r.models.sequence.trainer as trainer
     from alma_r.models import synthetic
     from alma_r.models.loading import load_model, load_tokenizer
 

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from alma_r.config import ConfigError, config_base_dir, config_from_json, config_to_json
-from alma_r.sequence_config import SequenceRunConfig, load_sequence_config
+from alma_r.config.sequence import SequenceRunConfig, load_sequence_config
 from tests.conftest import REPO
 from tests.test_config import assert_matches_yaml
 from tests.test_judge import FakeJudge
@@ -152,9 +152,9 @@ def always_a(query: str, a: str, b: str) -> str:
 def test_judge_stage_asks_both_orders_and_the_report_shows_win_rates(finished_run, tmp_path):
     from alma_r.data.io import read_rows
     from alma_r.data.schemas import CANDIDATES, INSTRUCTIONS
-    from alma_r.models.judge import judge_prompts, wilson_interval
-    from alma_r.tasks.sequence_evaluate import judge_query, judge_stage, report_stage
-    from alma_r.tasks.stage import StageResult
+    from alma_r.models.evaluate.judge import judge_prompts, wilson_interval
+    from alma_r.tasks.runtime.stage import StageResult
+    from alma_r.tasks.sequence.evaluate_tmp import judge_query, judge_stage, report_stage
 
     run_dir, first, _, _, _, overrides = finished_run
     judge = FakeJudge(always_a)
@@ -229,10 +229,10 @@ def test_cli_config_error_exits_2(tmp_path, capsys):
 
 
 def test_a_gpu_stage_request_runs_in_a_child_process(tmp_path):
-    """GPU stages run as `python -m alma_r.tasks.stage_process REQUEST RESPONSE`: the request carries the config
+    """GPU stages run as `python -m alma_r.tasks.runtime.stage_process REQUEST RESPONSE`: the request carries the config
     class, so the child rebuilds a SequenceRunConfig (not the translation flow's RunConfig)."""
-    from alma_r.tasks.prefect_stage import stage_request
-    from alma_r.tasks.sequence_stages import ingest_stage
+    from alma_r.tasks.runtime.prefect_stage import stage_request
+    from alma_r.tasks.sequence.stages_tmp import ingest_stage
 
     cfg = load_sequence_config(CONFIG, [f"run.root={tmp_path}"])
     request = stage_request(ingest_stage, cfg, tmp_path, ())
@@ -240,7 +240,7 @@ def test_a_gpu_stage_request_runs_in_a_child_process(tmp_path):
     assert isinstance(again, SequenceRunConfig) and again == cfg and config_base_dir(again) == CONFIG.parent
     (tmp_path / "request.json").write_text(json.dumps(request))
     done = subprocess.run(
-        [sys.executable, "-m", "alma_r.tasks.stage_process", "request.json", "response.json"],
+        [sys.executable, "-m", "alma_r.tasks.runtime.stage_process", "request.json", "response.json"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -7,18 +7,18 @@ import math
 import pytest
 import torch
 
-from alma_r.learning_check import one_torch_thread
+from alma_r.experiments.learning_check import one_torch_thread
 from alma_r.models import synthetic
-from alma_r.models.cpo_trainer import tokenize_pair
-from alma_r.models.generation import Decoding, generate_translations
+from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer
-from alma_r.models.sequence_metrics import (
+from alma_r.models.sequence.metrics import (
     generate_completion_ids,
     length_normalised_nll,
     reverse_kl,
     reverse_kl_plugin,
     sequence_logps,
 )
+from alma_r.models.train.recipe import tokenize_pair
 
 # A toy with an enumerable support: Q and P-hat over three sequences of one prompt.
 Q = [0.5, 0.3, 0.2]

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from alma_r.learning_check import one_torch_thread
+from alma_r.experiments.learning_check import one_torch_thread
 from alma_r.models import synthetic
-from alma_r.models.cpo_trainer import collate
 from alma_r.models.loading import load_model
-from alma_r.models.logprobs import CompletionLogps
-from alma_r.models.negatives import NegativeMix
-from alma_r.models.sequence_trainer import SequenceCPORecipe, SequenceCPOSettings
+from alma_r.models.sequence.negatives import NegativeMix
+from alma_r.models.sequence.trainer import SequenceCPORecipe, SequenceCPOSettings
+from alma_r.models.train.logprobs import CompletionLogps
+from alma_r.models.train.recipe import collate
 
 
 @pytest.fixture(scope="module", autouse=True)

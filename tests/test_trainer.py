@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alma_r.models.cpo_trainer import CPORecipe, TrainSettings
+from alma_r.models.train.recipe import CPORecipe, TrainSettings
 
 PAIRS = [
     {

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from alma_r.config import SAMPLE_DIR
-from alma_r.models.cpo_trainer import CPORecipe, TrainSettings
 from alma_r.models.prompts import make_prompt
+from alma_r.models.train.recipe import CPORecipe, TrainSettings
 
 trl_cpo = pytest.importorskip("trl.experimental.cpo")
 

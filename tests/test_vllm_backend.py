@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from alma_r.config import SAMPLE_DIR
-from alma_r.models.generation import Decoding
-from alma_r.models.vllm_backend import (
+from alma_r.models.generate.hf_backend import Decoding
+from alma_r.models.generate.vllm_backend import (
     MAKE_TARGET,
     VllmJob,
     _job_spec,
@@ -81,11 +81,11 @@ def _lines(name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Run:
-    from alma_r.models.cpo_trainer import CPORecipe, TrainSettings
-    from alma_r.models.generation import generate_translations
+    from alma_r.models.generate.hf_backend import generate_translations
     from alma_r.models.loading import load_model, load_tokenizer
     from alma_r.models.prompts import make_prompt
     from alma_r.models.tiny import build_tiny_model
+    from alma_r.models.train.recipe import CPORecipe, TrainSettings
 
     root = tmp_path_factory.mktemp("vllm")
     de, en = _lines("human_written/deen/train.de-en.de"), _lines("human_written/deen/train.de-en.en")

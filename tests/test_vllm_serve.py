@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from alma_r.config import SAMPLE_DIR
-from alma_r.models.openai_backend import EndpointConfig, translate_via_endpoint
+from alma_r.models.generate.openai_backend import EndpointConfig, translate_via_endpoint
+from alma_r.models.generate.vllm_backend import default_vllm_python
 from alma_r.models.prompts import make_prompt
-from alma_r.models.vllm_backend import default_vllm_python
 from tests.test_openai_backend import FaultyProxy
 
 VLLM_BIN = Path(default_vllm_python()).parent

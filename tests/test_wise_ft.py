@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alma_r.learning_check import one_torch_thread
+from alma_r.experiments.learning_check import one_torch_thread
 from alma_r.models import synthetic
-from alma_r.models.wise_ft import interpolate, wise_ft_grid
+from alma_r.models.sequence.wise_ft import interpolate, wise_ft_grid
 
 
 @pytest.fixture(scope="module", autouse=True)

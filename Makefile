@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 VLLM_VENV ?= .venv-vllm
 VLLM_READY := $(VLLM_VENV)/.ready
 
-.PHONY: demo test lint env vllm-env clean-runs
+.PHONY: demo test lint lint-imports env vllm-env clean-runs
 
 env: $(READY)
 
@@ -33,13 +33,19 @@ $(READY): pyproject.toml
 demo: $(READY)
 	$(VENV)/bin/alma-r run --config $(CONFIG)
 
-# Two pytest-xdist workers, each taking whole test files (module fixtures stay shared): ~9 min instead of ~17.
-test: $(READY) $(VLLM_READY)
+# The import contracts first (a second), then two pytest-xdist workers, each taking whole test files (module
+# fixtures stay shared): ~9 min instead of ~17.
+test: $(READY) $(VLLM_READY) lint-imports
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
-lint: $(READY)
+lint: $(READY) lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The layer rules of pyproject.toml's [tool.importlinter] (flows above tasks above models above data, no Prefect
+# in models or data, argparse only in the CLI, stages independent of each other).
+lint-imports: $(READY)
+	$(PY) scripts/lint_imports.py
 
 clean-runs:
 	rm -rf runs

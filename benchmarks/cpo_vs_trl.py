@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from cpo_vs_trl_report import QUIET, report  # beside this script: its folder is first on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "runs" / "benchmarks" / "cache"
 VOCAB = 32000
@@ -53,7 +55,6 @@ TOKENIZER_TEXT = [  # real training text of four ALMA language pairs (human_writ
 ]  # fmt: skip
 DIRECTIONS = [("de", "en"), ("en", "de")]
 MAX_PROMPT_LENGTH, MAX_LENGTH = 256, 512
-QUIET = 0.1  # a step is "quiet" when other processes took under this many CPU s/s while it ran
 
 
 def log(msg: str):
@@ -101,7 +102,7 @@ def build_pairs(args, model_path: Path) -> list[dict]:
     (both engines then see every pair whole)."""
     from alma_r.models.loading import load_tokenizer
     from alma_r.models.prompts import make_prompt
-    from alma_r.models.train.recipe import tokenize_pairs
+    from alma_r.models.train.batching import tokenize_pairs
 
     tokenizer = load_tokenizer(str(model_path))
     root = args.data_dir / "outputs" / "wmt22_outputs"
@@ -140,7 +141,7 @@ def step_order(n_pairs: int, steps: int, batch_size: int, seed: int) -> list[lis
     """The pair indices of each optimizer step, as our engine draws them (its own method, called on a stand-in)."""
     from alma_r.models.train.recipe import CPORecipe
 
-    me = SimpleNamespace(examples=range(n_pairs), pairs_per_step=batch_size, s=SimpleNamespace(seed=seed))
+    me = SimpleNamespace(examples=range(n_pairs), pairs_per_step=batch_size, seed=seed)
     return [CPORecipe._step_indices(me, k) for k in range(steps)]
 
 
@@ -184,7 +185,7 @@ def token_counts(model_path: Path, pairs: list[dict], order: list[list[int]]) ->
     the padded tokens each engine's layout pushes through the decoder (ours: one row per pair holding prompt +
     chosen + rejected; TRL: two rows per pair, chosen and rejected, each with the prompt)."""
     from alma_r.models.loading import load_tokenizer
-    from alma_r.models.train.recipe import tokenize_pairs
+    from alma_r.models.train.batching import tokenize_pairs
 
     ex, _ = tokenize_pairs(load_tokenizer(str(model_path)), pairs, MAX_PROMPT_LENGTH, MAX_LENGTH, "trl")
     real, ours, trl = [], [], []
@@ -198,18 +199,19 @@ def token_counts(model_path: Path, pairs: list[dict], order: list[list[int]]) ->
 
 
 def run_ours(args, model_path: Path, pairs: list[dict], work: Path) -> dict:
-    from alma_r.models.train.recipe import CPORecipe, TrainSettings, read_metrics
+    from alma_r.models.train.metrics import read_metrics
+    from alma_r.models.train.recipe import CPORecipe
+    from alma_r.models.train.settings import TrainSettings
 
     bf16 = args.dtype == "bfloat16"
     settings = TrainSettings(
         loss_type="sigmoid", beta=0.1, cpo_alpha=1.0, learning_rate=1e-4, lr_scheduler="constant",
         warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, max_steps=args.steps, batch_size=args.batch_size,
         tokenization="trl", shared_prompt=True, lora=lora_config(args), save_steps=10**9, logging_steps=1,
-        max_prompt_length=MAX_PROMPT_LENGTH, max_length=MAX_LENGTH, seed=0,
+        max_prompt_length=MAX_PROMPT_LENGTH, max_length=MAX_LENGTH,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision="bf16" if bf16 else "no",
-        dtype=args.dtype,
     )  # fmt: skip
-    recipe = CPORecipe(settings, str(model_path), pairs, work / "ours").setup()
+    recipe = CPORecipe(settings, str(model_path), pairs, work / "ours", seed=0, dtype=args.dtype).setup()
     assert len(recipe.examples) == len(pairs), recipe.skipped
     ends: list[tuple] = []
     scheduler_step = recipe.scheduler.step
@@ -435,96 +437,6 @@ def spawn(args, engine: str, out: Path, pairs_file: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def summarise(runs: list[dict], batch_size: int) -> dict:
-    """One engine over its repeats. Steps 2..N of every run train on the same pairs, so each step's fastest
-    time over the repeats is its least disturbed one; pairs/s = pairs of steps 2..N / the sum of those times.
-    Memory is the largest over the repeats (it barely varies); the losses are the same in every run."""
-    n = min(len(r["step_seconds"]) for r in runs)
-    best = [min(range(len(runs)), key=lambda i, k=k: runs[i]["step_seconds"][k]) for k in range(n)]
-    seconds = [runs[i]["step_seconds"][k] for k, i in enumerate(best)]
-    quiet = sum(runs[i]["step_other_cpu"][k] < QUIET for k, i in enumerate(best))
-    first = runs[0]
-    return {
-        **first,
-        "pairs_per_second": n * batch_size / sum(seconds),
-        "quiet_steps": quiet,
-        "timed_steps": n,
-        "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
-        "train_peak_rss_gb": max(r["train_peak_rss_gb"] or 0 for r in runs) or None,
-        "rss_before_train_gb": max(r["rss_before_train_gb"] for r in runs),
-        "peak_cuda_gb": max(r["peak_cuda_gb"] for r in runs) if first["peak_cuda_gb"] is not None else None,
-        "mfu": max(r["mfu"] for r in runs) if "mfu" in first else None,
-        "train_seconds": min(r["train_seconds"] for r in runs),
-    }
-
-
-def report(args, ours_runs: list[dict], trl_runs: list[dict], meta: dict, n_pairs: int) -> str:
-    ours, trl = summarise(ours_runs, args.batch_size), summarise(trl_runs, args.batch_size)
-    cuda = args.device == "cuda"
-    size = SIZES[args.model_size]
-    lines = [
-        f"model: LLaMA {meta['params'] / 1e6:.1f}M parameters (hidden {size['hidden_size']}, "
-        f"{size['num_hidden_layers']} layers, {size['num_attention_heads']} heads, intermediate "
-        f"{size['intermediate_size']}, vocab {meta['vocab']}, untied); LoRA r=16 alpha=32 on "
-        f"{args.lora_targets}: {ours['trainable']:,} trainable",
-        f"data: {n_pairs} WMT'22 pairs (de-en, en-de), chosen = ALMA-13B-R, rejected = reference; "
-        f"{args.steps} steps x {args.batch_size} pairs, {args.repeats} run(s) per engine; device {args.device} "
-        f"({ours['device']}), {args.dtype}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
-        f"torch threads {ours['torch_threads']}",
-        f"LoRA A init checksum: ours {ours['lora_a_checksum']:.6f}, TRL {trl['lora_a_checksum']:.6f} "
-        f"({'identical start' if abs(ours['lora_a_checksum'] - trl['lora_a_checksum']) < 1e-6 else 'different'})",
-        "",
-        "| engine | pairs/s | peak RSS GB | final loss | first-step loss | RSS before train() GB "
-        "| train() peak RSS GB | tokens/step real / padded | quiet steps |"
-        + (" peak CUDA GB | MFU |" if cuda else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
-    ]
-    for name, r in (("ours (CPORecipe)", ours), ("TRL CPOTrainer", trl)):
-        tp = r["train_peak_rss_gb"]
-        row = (
-            f"| {name} | {r['pairs_per_second']:.2f} | {r['peak_rss_gb']:.2f} | {r['losses'][-1]:.4f} "
-            f"| {r['losses'][0]:.4f} | {r['rss_before_train_gb']:.2f} | {'n/a' if tp is None else f'{tp:.2f}'} "
-            f"| {r['real_tokens_per_step']:.0f} / {r['padded_tokens_per_step']:.0f} "
-            f"| {r['quiet_steps']}/{r['timed_steps']} |"
-        )
-        if cuda:
-            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            row += f" {r['peak_cuda_gb']:.2f} | {mfu} |"
-        lines.append(row)
-    speed = ours["pairs_per_second"] / trl["pairs_per_second"]
-    mem = ours["peak_rss_gb"] / trl["peak_rss_gb"]
-    extra = []
-    if ours["train_peak_rss_gb"] and trl["train_peak_rss_gb"]:
-        extra.append(f"train() peak RSS x{ours['train_peak_rss_gb'] / trl['train_peak_rss_gb']:.2f}")
-    if cuda:
-        extra.append(f"peak CUDA x{ours['peak_cuda_gb'] / trl['peak_cuda_gb']:.2f}")
-    lines += [
-        "",
-        f"ours/TRL: pairs/s x{speed:.2f} (target >= 1.5: {'met' if speed >= 1.5 else 'NOT met'}), "
-        f"peak RSS x{mem:.2f} (target <= 0.7: {'met' if mem <= 0.7 else 'NOT met'})"
-        + "".join(f", {e}" for e in extra),
-        "per run (whole-run pairs/s over steps 2..N, CPU s/s of other processes meanwhile, train() seconds): "
-        + "; ".join(
-            f"{name} {r['pairs_per_second']:.2f} / {r['other_cpu']:.2f} / {r['train_seconds']:.1f}s"
-            for name, rs in (("ours", ours_runs), ("TRL", trl_runs))
-            for r in rs
-        ),
-        "",
-        "| step | ours loss | TRL loss | difference |",
-        "|---:|---:|---:|---:|",
-    ]
-    for k, (a, b) in enumerate(zip(ours["losses"], trl["losses"], strict=False), start=1):
-        lines.append(f"| {k} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
-    disturbed = [f"{n}: {r['quiet_steps']}/{r['timed_steps']}" for n, r in (("ours", ours), ("TRL", trl))
-                 if r["quiet_steps"] < r["timed_steps"]]  # fmt: skip
-    if disturbed and not cuda:
-        lines.append(
-            f"\nWARNING: other processes used the CPU during some of the fastest steps (quiet steps {', '.join(disturbed)}): "
-            "the timings are disturbed; rerun on a quiet machine or with more --repeats."
-        )
-    return "\n".join(lines)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", choices=("both", "ours", "trl"), default="both")
@@ -575,7 +487,7 @@ def main():
         for k in range(args.repeats):  # alternate, so that a slow spell on the machine hits both engines
             for engine in runs:
                 runs[engine].append(spawn(args, engine, Path(tmp) / f"{engine}-{k}.json", pairs_file))
-    print(report(args, runs["ours"], runs["trl"], meta, len(pairs)))
+    print(report(args, SIZES[args.model_size], runs["ours"], runs["trl"], meta, len(pairs)))
     print(f"\n(total benchmark wall time {time.perf_counter() - t0:.0f}s)")
 
 

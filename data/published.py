@@ -15,6 +15,7 @@ from pathlib import Path
 
 from alma_r.data.languages import split_lp
 from alma_r.data.readers import IngestError
+from alma_r.data.schemas import REFERENCE
 
 SYSTEMS = ("alma", "gpt4")  # candidate systems of the published data, in tie-break order
 METRICS = ("kiwi", "xcomet", "kiwi_xcomet")
@@ -95,7 +96,7 @@ def from_published(
                             {
                                 "segment_id": sid,
                                 "lp": lp,
-                                "system": "reference" if system == "ref" else system,
+                                "system": REFERENCE if system == "ref" else system,
                                 "metric": metric,
                                 "model_id": f"published:{metric}",
                                 "score": float(value),
@@ -133,7 +134,7 @@ def to_published(data: PreferenceData) -> list[dict]:
                     out[f"{system}_{tgt}"] = cands[(sid, system)]
             for system in (*SYSTEMS, "ref"):
                 for metric in METRICS:
-                    value = scores.get((sid, "reference" if system == "ref" else system, metric))
+                    value = scores.get((sid, REFERENCE if system == "ref" else system, metric))
                     if value is not None:
                         out[f"{system}_{tgt}_{metric}"] = value
             out["Delta"] = data.labels.get(sid, 0.0)

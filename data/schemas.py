@@ -47,7 +47,12 @@ CANDIDATES = pa.schema(
     ]
 )
 
-# One score of one candidate (or of the reference, system "reference") by one metric.
+# The `system` value of the reference translation in SCORES and PAIRS rows (and in the score and select
+# stages' (segment, system) tables): scored and ranked beside the candidates, never a CANDIDATES row, so a
+# configured system may not take this name. Defined once, here, for every stage, CLI and experiment.
+REFERENCE = "reference"
+
+# One score of one candidate (or of the reference, system REFERENCE) by one metric.
 SCORES = pa.schema(
     [
         _field("segment_id", pa.string()),

@@ -1,8 +1,9 @@
 """The `build-alma-r` flow: ingest -> [prepare model -> SFT] -> generate -> score -> select -> train -> evaluate
 -> report. It reads like the diagram in docs/architecture.md: stages exchange only files (StageResult paths).
 
-Each stage is a cached Prefect task (tasks/runtime/prefect_stage.py): a new flow run, or a rerun after a crash, finds the
-finished stages Cached and recomputes only what is missing; `force` recomputes the named stages.
+Each stage is a cached Prefect task (tasks/runtime/prefect_stage.py), run and recorded by flows/steps.py: a new flow
+run, or a rerun after a crash, finds the finished stages Cached and recomputes only what is missing; `force`
+recomputes the named stages.
 """
 
 from __future__ import annotations
@@ -12,38 +13,19 @@ from pathlib import Path
 from prefect import flow, unmapped
 
 from alma_r.config import RunConfig, load_config
-from alma_r.flows.run_record import RunRecord
+from alma_r.flows.steps import StageSteps, forced_stages, run_dir_for
 from alma_r.tasks.evaluate import evaluate_task
 from alma_r.tasks.generate import generate_task
 from alma_r.tasks.ingest import ingest_task
 from alma_r.tasks.prepare_model import prepare_model_task
 from alma_r.tasks.report import report_task
-from alma_r.tasks.runtime.prefect_stage import clear_scratch
-from alma_r.tasks.runtime.stage import StageResult, force_recompute, is_complete
+from alma_r.tasks.runtime.stage import StageResult, is_complete
 from alma_r.tasks.score import score_merge_task, score_shard_task, score_task
 from alma_r.tasks.select import select_task
 from alma_r.tasks.sft import sft_task
 from alma_r.tasks.train import train_task
 
 STAGES = ("ingest", "prepare_model", "sft", "generate", "score", "select", "train", "evaluate", "report")
-
-
-def run_dir_for(cfg: RunConfig) -> Path:
-    return (Path(cfg.run.root) / cfg.run.name).resolve()
-
-
-def run_cached(stage_task, cfg: RunConfig, run_dir: Path, *upstream, force: bool = False) -> StageResult:
-    """Run a stage task, trusting Prefect's cache record only while the stage folder holds its outputs."""
-    where = stage_task.stage_key(cfg, run_dir, *upstream)
-    if force:
-        force_recompute(where.out_dir)
-    # A deleted, damaged or forced output refreshes the record instead of handing on a dead path.
-    fresh = stage_task.with_options(refresh_cache=not is_complete(where))
-    state = fresh(cfg, run_dir, *upstream, return_state=True)
-    result = state.result()
-    if state.is_completed() and state.name == "Cached":
-        result.cached = True
-    return result
 
 
 def task_runner_for(cfg: RunConfig):
@@ -83,27 +65,10 @@ def build_alma_r(
     config_path: YAML run config (default: the built-in tiny CPU configuration);
     overrides: `section.key=value` settings applied on top; force: stages to recompute (or ["all"]).
     """
-    overrides, force = list(overrides or []), set(force or [])
-    unknown = force - set(STAGES) - {"all"}
-    if unknown:
-        raise ValueError(f"force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    overrides, force = list(overrides or []), forced_stages(force, STAGES)
     cfg = load_config(config_path, overrides)
     run_dir = run_dir_for(cfg)
-    clear_scratch(run_dir)
-    record = RunRecord(run_dir, config_path, overrides, cfg.model_dump(mode="json"))
-    done: list[StageResult] = []
-
-    def step(name, stage_task, *upstream) -> StageResult:
-        try:
-            result = run_cached(stage_task, cfg, run_dir, *upstream, force=bool(force & {name, "all"}))
-        except BaseException as err:
-            record.stage_failed(name, err)
-            raise
-        result.stage = name
-        record.stage_done(result)
-        done.append(result)
-        print(f"[{name}] {'cached' if result.cached else f'done in {result.seconds:.1f}s'}: {result.counts}")
-        return result
+    step = StageSteps.start(cfg, run_dir, config_path, overrides, force)
 
     segments = step("ingest", ingest_task)
     base = step("prepare_model", prepare_model_task, segments)
@@ -119,7 +84,5 @@ def build_alma_r(
     pairs = step("select", select_task, segments, candidates, scores)
     trained = step("train", train_task, pairs, policy)
     step("evaluate", evaluate_task, segments, policy, trained)
-    step("report", report_task, list(done))
-    record.finish("completed")
-    print(f"report: {run_dir / 'report.md'}")
-    return str(run_dir)
+    step("report", report_task, list(step.done))
+    return step.finish()

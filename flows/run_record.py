@@ -12,7 +12,17 @@ from alma_r.tasks.runtime.stage import StageResult, code_version
 
 
 class RunRecord:
-    def __init__(self, run_dir: Path, config_path: str | None, overrides: list[str], config: dict):
+    def __init__(
+        self,
+        run_dir: Path,
+        config_path: str | None,
+        overrides: list[str],
+        config: dict,
+        flow: str | None = None,
+        flow_module: str = "alma_r.flows.build_alma_r",
+    ):
+        """`flow`: the flow's name, recorded when given; `flow_module`: whose code (and the alma_r modules it
+        imports) `code_version` fingerprints."""
         self.path = Path(run_dir) / "run.json"
         self.data = {
             "run": Path(run_dir).name,
@@ -20,13 +30,15 @@ class RunRecord:
             "config_path": config_path,
             "overrides": overrides,
             "alma_r_version": __version__,
-            "code_version": code_version(),
+            "code_version": code_version(flow_module),
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "finished": None,
             "status": "running",
             "stages": {},
             "config": config,
         }
+        if flow is not None:
+            self.data["flow"] = flow
         self.save()
 
     def stage_done(self, result: StageResult):

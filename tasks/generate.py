@@ -129,9 +129,10 @@ def translate(
             "adapter": None,
         }
     if system.backend == "openai":
-        from alma_r.models.generate.openai_backend import EndpointConfig, translate_via_endpoint
+        from alma_r.models.generate.openai_backend import translate_via_endpoint
+        from alma_r.tasks.shared.endpoints import endpoint_config
 
-        endpoint = EndpointConfig(**system.endpoint.model_dump())
+        endpoint = endpoint_config(system.endpoint)  # the key resolved here: the backend takes a plain string
         cache = Path(cfg.run.root).resolve() / "_cache" / "requests.sqlite"
         outs = [
             translate_via_endpoint(

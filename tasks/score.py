@@ -12,13 +12,11 @@ from pathlib import Path
 
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows, write_table
-from alma_r.data.schemas import CANDIDATES, SCORES, SEGMENTS
+from alma_r.data.schemas import CANDIDATES, REFERENCE, SCORES, SEGMENTS
 from alma_r.models.score.cache import ScoreCache
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 from alma_r.tasks.shared.scoring import ScoringError, cache_path_for, make_scorer, score_items
-
-REFERENCE = "reference"
 
 
 def check_coverage(candidates: list[dict], segments: dict[str, dict], where: str) -> None:

@@ -16,12 +16,11 @@ from pathlib import Path
 
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows, save_figure_atomic, write_json_atomic, write_table
-from alma_r.data.schemas import CANDIDATES, DROPPED, PAIRS, SCORES, SEGMENTS
+from alma_r.data.schemas import CANDIDATES, DROPPED, PAIRS, REFERENCE, SCORES, SEGMENTS
 from alma_r.models.prompts import make_prompt
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 
-REFERENCE = "reference"
 NOISE = "noise"
 
 

@@ -8,13 +8,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alma_r.config import RunConfig
+from alma_r.config import RunConfig, SftSection
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import SEGMENTS
 from alma_r.models.prompts import make_prompt
-from alma_r.models.train.recipe import CPORecipe, TrainSettings, plot_curves
+from alma_r.models.train.metrics import plot_curves
+from alma_r.models.train.recipe import CPORecipe
+from alma_r.models.train.settings import TrainSettings
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+
+# The warm-up's settings that the sft section does not expose: NLL on the reference, every weight trained.
+SFT_FIXED = {
+    "loss_type": "sft",
+    "finetune": "full",
+    "lr_scheduler": "cosine",
+    "warmup_ratio": 0.05,
+    "weight_decay": 0.0,
+    "logging_steps": 10,
+}
+
+
+def sft_settings(section: SftSection) -> TrainSettings:
+    """The sft section as the recipe's settings: the fields it shares with TrainSettings (max_steps, batch_size,
+    learning_rate, max_length) pass through by name; a prompt may take all but one of max_length's tokens."""
+    shared = section.model_dump(include=set(TrainSettings.model_fields))
+    return TrainSettings(
+        **shared,
+        **SFT_FIXED,
+        max_prompt_length=section.max_length - 1,
+        save_steps=max(1, section.max_steps // 4),
+    )
 
 
 def run_sft(cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path) -> tuple[dict, dict]:
@@ -23,25 +47,17 @@ def run_sft(cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path)
         {"prompt": make_prompt(r["src"], r["src_lang"], r["tgt_lang"]), "chosen": r["ref"], "rejected": ""}
         for r in rows
     ]
-    s = cfg.sft
-    settings = TrainSettings(
-        loss_type="sft",
-        learning_rate=s.learning_rate,
-        lr_scheduler="cosine",
-        warmup_ratio=0.05,
-        weight_decay=0.0,
-        max_steps=s.max_steps,
-        batch_size=s.batch_size,
-        max_prompt_length=s.max_length - 1,
-        max_length=s.max_length,
-        save_steps=max(1, s.max_steps // 4),
-        logging_steps=10,
+    recipe = CPORecipe(
+        sft_settings(cfg.sft),
+        base_model,
+        pairs,
+        out_dir,
+        adapter=cfg.model.adapter,
         seed=cfg.run.seed,
-        lora=None,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    recipe = CPORecipe(settings, base_model, pairs, out_dir, adapter=cfg.model.adapter).setup().train()
+    recipe.setup().train()
     model_dir = recipe.save(out_dir / "model")
     plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", "SFT warm-up")
     summary = recipe.summary()

@@ -7,32 +7,29 @@ from pathlib import Path
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import PAIRS
-from alma_r.models.train.recipe import CPORecipe, TrainSettings, plot_curves, read_metrics
+from alma_r.models.train.metrics import plot_curves, read_metrics
+from alma_r.models.train.recipe import CPORecipe
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
-
-
-def train_settings(cfg: RunConfig, continues_adapter: bool) -> TrainSettings:
-    t = cfg.train
-    fields = t.model_dump(exclude={"lora", "finetune", "simpo_gamma_beta_ratio"})
-    # Continuing an adapter (ALMA-R continues ALMA-13B-Pretrain-LoRA) trains that adapter; else a new LoRA,
-    # or every weight with finetune: full.
-    lora = None if continues_adapter or t.finetune == "full" else t.lora.model_dump()
-    return TrainSettings(
-        **fields,
-        lora=lora,
-        seed=cfg.run.seed,
-        dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
 
 
 def run_train(
     cfg: RunConfig, pairs_path: Path, model_path: str, adapter: str | None, out_dir: Path
 ) -> tuple[dict, dict]:
     pairs = read_rows(pairs_path, PAIRS)
-    settings = train_settings(cfg, continues_adapter=adapter is not None)
-    recipe = CPORecipe(settings, model_path, pairs, out_dir, adapter=adapter).setup().train()
+    # cfg.train is the recipe's TrainSettings. Continuing an adapter (ALMA-R continues ALMA-13B-Pretrain-LoRA)
+    # trains that adapter; else a new LoRA, or every weight with finetune: full.
+    recipe = CPORecipe(
+        cfg.train,
+        model_path,
+        pairs,
+        out_dir,
+        adapter=adapter,
+        seed=cfg.run.seed,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    recipe.setup().train()
     # A LoRA run yields an adapter for the policy's base model; a full fine-tune yields a whole model.
     kind = "adapter" if recipe.is_peft else "model"
     outputs = {
@@ -42,7 +39,7 @@ def run_train(
     }
     if (out_dir / "merged").is_dir():
         outputs["merged"] = out_dir / "merged"
-    curves = plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", f"CPO ({settings.loss_type})")
+    curves = plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", f"CPO ({cfg.train.loss_type})")
     if curves:
         outputs["curves"] = curves
     summary = recipe.summary()

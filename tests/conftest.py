@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated, quiet Prefect (one test harness per session) and a tiny local model."""
+"""Shared fixtures: an isolated, quiet Prefect (one test harness per session), a tiny local model, and the\ndevelopment data folder beside the repository (skipping, with what is missing, without it)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ import pytest  # noqa: E402
 from alma_r.config import SAMPLE_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# The development data (ALMA's human-written data, the published outputs): a folder beside the repository, not
+# shipped with it. Tests that read it skip, naming what is missing, when it is not there.
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def needs_shared_data(*paths: Path) -> pytest.MarkDecorator:
+    """A skip mark for tests (or a module's pytestmark) that read these development-data paths; the reason
+    names the missing ones."""
+    missing = [str(p) for p in paths if not p.exists()]
+    reason = f"development data not found: {', '.join(missing)} (the data folder beside the repository)"
+    return pytest.mark.skipif(bool(missing), reason=reason)
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,26 @@ import yaml
 
 from alma_r.cli import main
 from alma_r.config import SAMPLE_DIR, ConfigError, config_base_dir, load_config, resolve_path
+from alma_r.config.sequence import load_sequence_config
+from alma_r.data.schemas import REFERENCE
 from tests.conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIG_DIR = REPO / "configs"
+# Every YAML file under configs/, recursively, is a run config chosen by its folder: the top folder holds the
+# build-alma-r flow's, sequence-cpo/ the sequence-cpo flow's. accelerate/ holds `accelerate launch
+# --config_file` files, which are not run configs (work-pools/ holds JSON only).
+LOADERS = {".": load_config, "sequence-cpo": load_sequence_config}
+NOT_RUN_CONFIGS = {"accelerate"}
+YAML_FILES = sorted(CONFIG_DIR.glob("**/*.yaml"))
+
+
+def config_folder(path: Path) -> str:
+    """The folder of configs/ a file is in ("." for configs/ itself)."""
+    parts = path.relative_to(CONFIG_DIR).parts
+    return parts[0] if len(parts) > 1 else "."
+
+
+CONFIGS = [p for p in YAML_FILES if config_folder(p) not in NOT_RUN_CONFIGS]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
@@ -40,13 +57,20 @@ def config_error(*args, **kwargs) -> str:
 # --------------------------------------------------------------------------------------- shipped configs
 
 
-def test_both_shipped_configs_are_found():
-    assert {p.name for p in CONFIGS} >= {"tiny.yaml", "alma-13b-r.yaml"}
+def test_the_shipped_configs_are_found():
+    names = {str(p.relative_to(CONFIG_DIR)) for p in CONFIGS}
+    assert names >= {"tiny.yaml", "alma-13b-r.yaml", "sequence-cpo/dolly-tiny.yaml"}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_yaml_file_under_configs_is_validated_or_known_not_to_be_a_run_config():
+    # A new folder must be named in LOADERS or NOT_RUN_CONFIGS: its configs are never skipped silently.
+    unknown = [str(p) for p in YAML_FILES if config_folder(p) not in {*LOADERS, *NOT_RUN_CONFIGS}]
+    assert not unknown, f"add their folder to LOADERS (run configs) or NOT_RUN_CONFIGS: {unknown}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_shipped_config_loads_with_its_values(path):
-    cfg = load_config(path)
+    cfg = LOADERS[config_folder(path)](path)
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert_matches_yaml(raw, cfg.model_dump(mode="json"))
     assert config_base_dir(cfg) == path.resolve().parent
@@ -240,7 +264,7 @@ def test_prompt_length_must_be_below_max_length():
     assert load_config(TINY, ["train.max_prompt_length=255"]).train.max_prompt_length == 255
 
 
-@pytest.mark.parametrize("names", [["a", "a"], ["greedy", "beam", "greedy"], ["reference"]])
+@pytest.mark.parametrize("names", [["a", "a"], ["greedy", "beam", "greedy"], [REFERENCE]])
 def test_system_names_must_be_unique_and_not_reference(names):
     systems = "[" + ", ".join(f"{{name: {n}}}" for n in names) + "]"
     msg = config_error(TINY, [f"generate.systems={systems}"])

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from alma_r.models.train.batching import collate, tokenize_pairs
 from alma_r.models.train.logprobs import CompletionLogps, completion_logps
 from alma_r.models.train.losses import nll_loss, preference_loss
-from alma_r.models.train.recipe import collate, tokenize_pairs
 
 
 def test_sigmoid_cpo_matches_hand_derivation():

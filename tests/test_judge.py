@@ -88,7 +88,6 @@ class FakeJudge:
         self.endpoint = EndpointConfig(
             base_url=f"http://127.0.0.1:{self.httpd.server_address[1]}/v1",
             model="fake-judge",
-            api_key_env=None,
             max_retries=0,
         )
 
@@ -225,7 +224,7 @@ def test_prompts_are_the_papers_templates_in_both_orders():
 
 
 def test_bad_inputs_and_configs_say_what_is_wrong(tmp_path):
-    endpoint = EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None)
+    endpoint = EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m")
     with pytest.raises(ValueError, match="2 queries, 1 outputs, 2 references"):
         judge_against_references(endpoint, ["a", "b"], ["x"], ["y", "z"], tmp_path / "j.sqlite")
     with pytest.raises(ValueError, match="row 1: field 'output' is NoneType"):

@@ -46,7 +46,6 @@ def run_judge(port: int, cache, cfg: JudgeConfig):
         base_url=f"http://127.0.0.1:{proxy.port}/v1",
         model="tiny",
         api="completions",  # the tiny model has no chat template
-        api_key_env=None,
         max_concurrency=4,
         max_retries=12,
         backoff_s=0.01,

@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 
 import alma_r.models.train.recipe as cpo_trainer
+from alma_r.data.schemas import REFERENCE
 from alma_r.experiments.learning_check import (
     VARIANTS,
     Sizes,
@@ -73,7 +74,7 @@ def test_the_synthetic_task_is_as_designed(tmp_path):
     # Behind the scorer interface, reference-free, scored once then cached.
     seg = next(s for s in task.test if s.ref != synthetic.rule_translation(s.src)).as_row()
     items = [
-        (seg, "reference", seg["ref"], []),
+        (seg, REFERENCE, seg["ref"], []),
         (seg, "sample-0", synthetic.rule_translation(seg["src"]), []),
     ]
     scorer, cache = synthetic.OracleScorer(), ScoreCache(tmp_path / "scores.sqlite")

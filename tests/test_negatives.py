@@ -14,7 +14,6 @@ from alma_r.models import synthetic
 from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.sequence.negatives import (
-    NegativeMix,
     autoregressive_negatives,
     batch_negatives,
     draw_negatives,
@@ -23,7 +22,8 @@ from alma_r.models.sequence.negatives import (
     read_autoregressive_samples,
     truncation_negatives,
 )
-from alma_r.models.train.recipe import tokenize_pair
+from alma_r.models.sequence.settings import NegativeMix
+from alma_r.models.train.batching import tokenize_pair
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,5 +1,6 @@
 """The OpenAI-compatible backend against a server on loopback, behind a proxy that answers 429 and 500 some of
-the time: every segment ends translated exactly once, and a rerun makes no request at all."""
+the time: every segment ends translated exactly once, and a rerun makes no request at all. The API key is
+resolved by the stage side (tasks/shared/endpoints.py), never by the backend, and never shows."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import http.client
 import json
 import random
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from alma_r.config import EndpointSection
 from alma_r.models.generate.openai_backend import EndpointConfig, EndpointError, translate_via_endpoint
 from alma_r.models.prompts import make_prompt
+from alma_r.tasks.shared.endpoints import endpoint_config, resolve_api_key
 
 SECRET = "sk-test-do-not-log-0123456789"
 
@@ -108,15 +112,16 @@ def test_faults_are_retried_each_segment_once_and_a_rerun_is_free(tmp_path, monk
     monkeypatch.setenv("ALMA_R_TEST_KEY", SECRET)
     server = Server()
     proxy = FaultyProxy(server.port)
-    cfg = EndpointConfig(
+    section = EndpointSection(
         base_url=f"http://127.0.0.1:{proxy.port}/v1",
         model="tiny",
         api=api,
         api_key_env="ALMA_R_TEST_KEY",
         max_concurrency=4,
         max_retries=12,
-        backoff_s=0.001,
     )
+    # As the generate stage builds it: the key read from the environment variable the section names.
+    cfg = replace(endpoint_config(section), backoff_s=0.001)
     prompts = [make_prompt(s, "de", "en") for s in SOURCES]
     out, stats = translate_via_endpoint(cfg, prompts, tmp_path / "requests.sqlite")
     assert out == [s.upper() for s in SOURCES]
@@ -129,9 +134,7 @@ def test_faults_are_retried_each_segment_once_and_a_rerun_is_free(tmp_path, monk
     assert again == out and proxy.requests == before and stats2 == {"requests": 0, "retries": 0, "cached": 40}
 
 
-def test_a_refusal_is_not_retried_and_the_key_never_shows(tmp_path, monkeypatch):
-    monkeypatch.setenv("ALMA_R_TEST_KEY", SECRET)
-
+def test_a_refusal_is_not_retried_and_the_key_never_shows(tmp_path):
     class Refuse(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -149,10 +152,31 @@ def test_a_refusal_is_not_retried_and_the_key_never_shows(tmp_path, monkeypatch)
     cfg = EndpointConfig(
         base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
         model="m",
-        api_key_env="ALMA_R_TEST_KEY",
+        api_key=SECRET,
         max_retries=5,
         backoff_s=0.001,
     )
     with pytest.raises(EndpointError) as err:
         translate_via_endpoint(cfg, [make_prompt("Hallo", "de", "en")], tmp_path / "r.sqlite")
     assert "HTTP 401" in str(err.value) and SECRET not in str(err.value)
+    assert SECRET not in repr(cfg) and SECRET not in str(cfg)  # logging the config never shows the key
+
+
+def test_the_secret_block_wins_over_the_environment_variable_and_none_means_no_key(monkeypatch):
+    monkeypatch.setenv("ALMA_R_TEST_KEY", "from-env")
+    asked = []
+
+    def resolver(name: str) -> str:
+        asked.append(name)
+        return SECRET
+
+    both = EndpointSection(
+        base_url="http://x/v1", model="m", api_key_env="ALMA_R_TEST_KEY", api_key_secret="k"
+    )
+    assert resolve_api_key(both, resolver) == SECRET and asked == ["k"]
+    env_only = EndpointSection(base_url="http://x/v1", model="m", api_key_env="ALMA_R_TEST_KEY")
+    assert endpoint_config(env_only, resolver).api_key == "from-env" and asked == ["k"]
+    monkeypatch.delenv("ALMA_R_TEST_KEY")
+    assert endpoint_config(env_only, resolver).api_key is None
+    no_key = EndpointSection(base_url="http://x/v1", model="m", api_key_env=None)
+    assert endpoint_config(no_key, resolver).api_key is None and asked == ["k"]

@@ -10,7 +10,7 @@ import pytest
 
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.published import DELTA_PREFERS, SYSTEMS, from_published, load_published, to_published
-from alma_r.data.schemas import PAIRS
+from alma_r.data.schemas import PAIRS, REFERENCE
 from alma_r.tasks.select import add_noise, select_pairs
 
 # A hand-written sample in the published layout (values invented for the test, layout as on the Hub).
@@ -90,7 +90,7 @@ def test_round_trip_of_the_published_layout(tmp_path):
 
 
 def select(data, **kw):
-    texts = {(s["id"], "reference"): s["ref"] for s in data.segments}
+    texts = {(s["id"], REFERENCE): s["ref"] for s in data.segments}
     texts.update({(c["segment_id"], c["system"]): c["hypothesis"] for c in data.candidates})
     scores = {(s["segment_id"], s["system"], s["metric"]): s["score"] for s in data.scores}
     return select_pairs(data.segments, texts, scores, list(SYSTEMS), ["kiwi", "xcomet"], **kw)
@@ -112,7 +112,7 @@ def test_delta_overrides_the_scores_and_zero_leaves_them():
     p = by_lp_src[("cs-en", "Czech: Ano")]
     assert (p["chosen_system"], p["rejected_system"]) == ("alma", "gpt4")
     without, _ = select(data)
-    assert [p["chosen_system"] for p in without] == ["gpt4", "reference", "reference"]
+    assert [p["chosen_system"] for p in without] == ["gpt4", REFERENCE, REFERENCE]
 
 
 def test_noise_baseline_rates_over_10k_words():

@@ -1,5 +1,6 @@
-"""Our evaluation path on the published ALMA-13B-R outputs (shared/data) reproduces sacreBLEU's CLI for all ten
-WMT'22/21 directions, and the figures in shared/data/README.md, to two decimals."""
+"""Our evaluation path on the published ALMA-13B-R outputs (in the development data folder beside the
+repository) reproduces sacreBLEU's CLI for all ten WMT'22/21 directions, and the figures that folder's README
+gives, to two decimals."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import pytest
 
 from alma_r.data.readers import read_aligned_text, read_lines
 from alma_r.tasks.evaluate import score_systems
-from tests.conftest import REPO
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-SHARED = REPO.parent / "shared" / "data" / "alma" / "outputs" / "wmt22_outputs"
-# shared/data/README.md, measured with sacrebleu 2.6.0: (BLEU, chrF).
+SHARED = SHARED_DATA / "alma" / "outputs" / "wmt22_outputs"
+# The development data's README, measured with sacrebleu 2.6.0: (BLEU, chrF).
 README = {
     "cs-en": (44.29, 68.15),
     "de-en": (30.94, 56.55),
@@ -28,7 +29,7 @@ README = {
     "en-ru": (24.10, 51.69),
     "en-zh": (34.05, 33.04),
 }
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not here")
+needs_published_outputs = needs_shared_data(SHARED)
 
 
 def cli(ref: Path, hyp: Path, tokenize: str) -> tuple[float, float]:
@@ -43,6 +44,7 @@ def cli(ref: Path, hyp: Path, tokenize: str) -> tuple[float, float]:
     return float(bleu), float(chrf)
 
 
+@needs_published_outputs
 @pytest.mark.parametrize("lp", sorted(README))
 def test_published_alma_13b_r_scores_equal_sacrebleu_cli(lp):
     src, tgt = lp.split("-")
@@ -62,6 +64,7 @@ def test_published_alma_13b_r_scores_equal_sacrebleu_cli(lp):
     assert f"tok:{tokenize}" in ours["bleu"]["signature"] and "nc:6" in ours["chrf"]["signature"]
 
 
+@needs_published_outputs
 def test_report_table_lists_published_scores_and_signatures():
     from alma_r.tasks.report import results_section
 
@@ -86,6 +89,15 @@ def test_report_table_lists_published_scores_and_signatures():
         assert f"{lp} (n=" in bleu_table
         assert f"{bleu:.2f}" in bleu_table and f"{chrf:.2f}" in chrf_table, lp
     assert "tok:zh" in section and "tok:13a" in section and "nc:6" in section
+
+
+def test_evaluate_help_shows_no_development_data_paths(capsys):
+    from alma_r.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    shown = capsys.readouterr().out
+    assert "--testset-dir path/to/wmt-testset" in shown and "shared" not in shown
 
 
 def test_evaluate_cli_mixes_a_model_and_a_file(tmp_path, tiny_model_dir):

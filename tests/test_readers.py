@@ -15,17 +15,13 @@ import yaml
 from alma_r.data.io import read_rows
 from alma_r.data.readers import IngestError, read_aligned_text, read_alma_json
 from alma_r.data.schemas import SEGMENTS
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-SHARED = Path("/work/shared/data/alma/human_written_data")
-CSEN_JSONL = SHARED / "csen/train.cs-en.json"
-DEEN_JSON_LIST = SHARED / "deen/valid.de-en.json"
-DEEN_DE = SHARED / "deen/train.de-en.de"
-DEEN_EN = SHARED / "deen/train.de-en.en"
-
-
-def needs(*paths: Path):
-    missing = [str(p) for p in paths if not p.is_file()]
-    return pytest.mark.skipif(bool(missing), reason=f"shared ALMA data not present: {missing}")
+HUMAN_WRITTEN = SHARED_DATA / "alma" / "human_written_data"
+CSEN_JSONL = HUMAN_WRITTEN / "csen/train.cs-en.json"
+DEEN_JSON_LIST = HUMAN_WRITTEN / "deen/valid.de-en.json"
+DEEN_DE = HUMAN_WRITTEN / "deen/train.de-en.de"
+DEEN_EN = HUMAN_WRITTEN / "deen/train.de-en.en"
 
 
 def head_lines(path: Path, n: int) -> list[str]:
@@ -243,7 +239,7 @@ def test_non_string_text_names_field_and_type(tmp_path):
 # --------------------------------------------------------------------------------------------- positives
 
 
-@needs(CSEN_JSONL)
+@needs_shared_data(CSEN_JSONL)
 def test_alma_json_lines_both_directions(tmp_path):
     lines = head_lines(CSEN_JSONL, 5)
     path = write_lines(tmp_path / "train.cs-en.json", lines)
@@ -267,7 +263,7 @@ def test_alma_json_lines_both_directions(tmp_path):
     assert set(rows[0]) == set(SEGMENTS.names)
 
 
-@needs(DEEN_JSON_LIST)
+@needs_shared_data(DEEN_JSON_LIST)
 def test_alma_json_list_both_directions(tmp_path):
     items = json.loads(DEEN_JSON_LIST.read_text(encoding="utf-8"))[:4]
     path = tmp_path / "valid.de-en.json"
@@ -284,7 +280,7 @@ def test_alma_json_list_both_directions(tmp_path):
     assert [(r["ref"], r["src"]) for r in rows if r["lp"] == "en-de"] == expected_pairs
 
 
-@needs(DEEN_JSON_LIST)
+@needs_shared_data(DEEN_JSON_LIST)
 def test_alma_json_list_pretty_printed_and_one_direction(tmp_path):
     items = json.loads(DEEN_JSON_LIST.read_text(encoding="utf-8"))[:3]
     path = tmp_path / "valid.de-en.json"
@@ -294,7 +290,7 @@ def test_alma_json_list_pretty_printed_and_one_direction(tmp_path):
     assert [r["src"] for r in rows] == [it["translation"]["en"] for it in items]
 
 
-@needs(CSEN_JSONL, DEEN_JSON_LIST)
+@needs_shared_data(CSEN_JSONL, DEEN_JSON_LIST)
 def test_max_segments_reads_only_the_first_items(tmp_path):
     lines = head_lines(CSEN_JSONL, 6)
     jsonl = write_lines(tmp_path / "train.cs-en.json", lines)
@@ -311,7 +307,7 @@ def test_max_segments_reads_only_the_first_items(tmp_path):
     assert [r["src"] for r in rows] == [it["translation"]["de"] for it in items[:3]]
 
 
-@needs(DEEN_DE, DEEN_EN)
+@needs_shared_data(DEEN_DE, DEEN_EN)
 def test_aligned_text_real_slice_both_directions_and_max_segments(tmp_path):
     de = write_lines(tmp_path / "train.de-en.de", head_lines(DEEN_DE, 6))
     en = write_lines(tmp_path / "train.de-en.en", head_lines(DEEN_EN, 6))

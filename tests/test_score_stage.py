@@ -10,7 +10,7 @@ from sacrebleu.metrics import CHRF
 
 from alma_r.config import load_config
 from alma_r.data.io import read_rows, write_table
-from alma_r.data.schemas import CANDIDATES, SCORES, SEGMENTS
+from alma_r.data.schemas import CANDIDATES, REFERENCE, SCORES, SEGMENTS
 from alma_r.models.score import scorers
 from alma_r.models.score.cache import ScoreCache, score_key
 from alma_r.models.score.scorers import SegmentScore
@@ -103,7 +103,7 @@ def test_chrf_and_consensus_values_by_hand(inputs, tmp_path):
     cfg = load_config(overrides=["score.metrics=[chrf, consensus_chrf]"])
     outputs, _ = run_score(cfg, segments, candidates, tmp_path / "out", tmp_path / "cache.sqlite")
     chrf = {(r["segment_id"], r["system"]): r for r in read_rows(outputs["scores/chrf"], SCORES)}
-    assert chrf[("s1", "reference")]["score"] == 100.0 and chrf[("s1", "a")]["score"] == 100.0
+    assert chrf[("s1", REFERENCE)]["score"] == 100.0 and chrf[("s1", "a")]["score"] == 100.0
     assert chrf[("s2", "b")]["flag"] == "empty_hypothesis" and chrf[("s2", "b")]["score"] == 0.0
     assert chrf[("s2", "a")]["flag"] is None
     metric = CHRF()
@@ -120,7 +120,7 @@ def test_chrf_and_consensus_values_by_hand(inputs, tmp_path):
         metric.sentence_score("Good morning", ["Good morning"]).score
         + metric.sentence_score("Good morning", ["Morning good"]).score
     ) / 2
-    assert consensus[("s1", "reference")] == pytest.approx(by_hand_ref)
+    assert consensus[("s1", REFERENCE)] == pytest.approx(by_hand_ref)
 
 
 def test_a_system_missing_segments_is_named(tmp_path):

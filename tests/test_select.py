@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from alma_r.data.schemas import REFERENCE
 from alma_r.tasks.select import select_pairs, selection_stats
 
 SRC = {"de-en": "Hallo Welt.", "en-de": "Hello world.", "cs-en": "Ahoj světe."}
@@ -52,7 +53,7 @@ def test_chosen_is_the_highest_mean_and_rejected_the_lowest():
         {
             "sample": ("Hi planet.", {"chrf": 30.0, "bleu": 10.0}),
             "greedy": ("Hello, world.", {"chrf": 100.0, "bleu": 20.0}),
-            "reference": ("Hello world.", {"chrf": 90.0, "bleu": 50.0}),
+            REFERENCE: ("Hello world.", {"chrf": 90.0, "bleu": 50.0}),
         },
         systems=["greedy", "sample"],
         metrics=["chrf", "bleu"],
@@ -65,7 +66,7 @@ def test_chosen_is_the_highest_mean_and_rejected_the_lowest():
             "rejected": "Hi planet.",
             "segment_id": "s1",
             "lp": "de-en",
-            "chosen_system": "reference",
+            "chosen_system": REFERENCE,
             "rejected_system": "sample",
             "chosen_score": 70.0,
             "rejected_score": 20.0,
@@ -77,7 +78,7 @@ def test_chosen_is_the_highest_mean_and_rejected_the_lowest():
 def test_a_system_can_beat_the_reference():
     pairs, _ = run_one(
         {
-            "reference": ("Ref.", {"kiwi": 0.7}),
+            REFERENCE: ("Ref.", {"kiwi": 0.7}),
             "a": ("A text.", {"kiwi": 0.9}),
             "b": ("B text.", {"kiwi": 0.5}),
         },
@@ -94,7 +95,7 @@ def test_only_the_selection_metrics_count():
     # bleu would flip the order, but only chrf is selected
     pairs, _ = run_one(
         {
-            "reference": ("Ref.", {"chrf": 60.0, "bleu": 0.0}),
+            REFERENCE: ("Ref.", {"chrf": 60.0, "bleu": 0.0}),
             "a": ("A.", {"chrf": 80.0, "bleu": 0.0}),
             "b": ("B.", {"chrf": 10.0, "bleu": 100.0}),
         },
@@ -109,24 +110,24 @@ def test_only_the_selection_metrics_count():
 # nor dict order can pass by accident: the dicts below list alpha first).
 TIES = [
     # (case, {system: score}, chosen, rejected)
-    ("top: reference ties a system", {"alpha": 80.0, "zeta": 10.0, "reference": 80.0}, "reference", "zeta"),
-    ("top: two systems tie", {"alpha": 80.0, "zeta": 80.0, "reference": 50.0}, "zeta", "reference"),
+    ("top: reference ties a system", {"alpha": 80.0, "zeta": 10.0, REFERENCE: 80.0}, REFERENCE, "zeta"),
+    ("top: two systems tie", {"alpha": 80.0, "zeta": 80.0, REFERENCE: 50.0}, "zeta", REFERENCE),
     (
         "top: all but one tie",
-        {"alpha": 70.0, "zeta": 70.0, "reference": 70.0, "omega": 1.0},
-        "reference",
+        {"alpha": 70.0, "zeta": 70.0, REFERENCE: 70.0, "omega": 1.0},
+        REFERENCE,
         "omega",
     ),
     (
         "bottom: reference ties a system",
-        {"alpha": 10.0, "zeta": 90.0, "reference": 10.0},
+        {"alpha": 10.0, "zeta": 90.0, REFERENCE: 10.0},
         "zeta",
-        "reference",
+        REFERENCE,
     ),
-    ("bottom: two systems tie", {"alpha": 10.0, "zeta": 10.0, "reference": 90.0}, "reference", "zeta"),
+    ("bottom: two systems tie", {"alpha": 10.0, "zeta": 10.0, REFERENCE: 90.0}, REFERENCE, "zeta"),
     (
         "bottom: later systems tie",
-        {"alpha": 5.0, "omega": 5.0, "zeta": 60.0, "reference": 50.0},
+        {"alpha": 5.0, "omega": 5.0, "zeta": 60.0, REFERENCE: 50.0},
         "zeta",
         "omega",
     ),
@@ -147,12 +148,12 @@ def test_ties(case, by_system, chosen, rejected):
 
 def test_a_system_without_output_is_not_a_candidate():
     pairs, dropped = run_one(
-        {"reference": ("Ref.", {"m": 50.0}), "b": ("B.", {"m": 40.0})},
+        {REFERENCE: ("Ref.", {"m": 50.0}), "b": ("B.", {"m": 40.0})},
         systems=["a", "b"],
         metrics=["m"],
     )
     assert dropped == []
-    assert (pairs[0]["chosen_system"], pairs[0]["rejected_system"]) == ("reference", "b")
+    assert (pairs[0]["chosen_system"], pairs[0]["rejected_system"]) == (REFERENCE, "b")
 
 
 # ---------------------------------------------------------------------------------------------- drops
@@ -164,7 +165,7 @@ def test_chosen_text_equal_to_rejected_text_is_dropped():
         {
             "alpha": ("Hello.", {"m": 20.0}),
             "zeta": (" Hello. ", {"m": 95.0}),
-            "reference": ("Hi.", {"m": 80.0}),
+            REFERENCE: ("Hi.", {"m": 80.0}),
         },
         systems=["zeta", "alpha"],
         metrics=["m"],
@@ -177,7 +178,7 @@ def test_chosen_text_equal_to_rejected_text_is_dropped():
 
 def test_all_scores_equal_is_dropped():
     pairs, dropped = run_one(
-        {"reference": ("Ref.", {"m": 50.0}), "a": ("A.", {"m": 50.0}), "b": ("B.", {"m": 50.0})},
+        {REFERENCE: ("Ref.", {"m": 50.0}), "a": ("A.", {"m": 50.0}), "b": ("B.", {"m": 50.0})},
         systems=["a", "b"],
         metrics=["m"],
     )
@@ -188,7 +189,7 @@ def test_all_scores_equal_is_dropped():
 def test_margin_below_threshold_is_dropped_and_equal_margin_kept():
     # margin 60 - 52 = 8 < 10
     pairs, dropped = run_one(
-        {"reference": ("Ref.", {"m": 60.0}), "a": ("A.", {"m": 55.0}), "b": ("B.", {"m": 52.0})},
+        {REFERENCE: ("Ref.", {"m": 60.0}), "a": ("A.", {"m": 55.0}), "b": ("B.", {"m": 52.0})},
         systems=["a", "b"],
         metrics=["m"],
         min_margin=10.0,
@@ -200,7 +201,7 @@ def test_margin_below_threshold_is_dropped_and_equal_margin_kept():
 
     # margin 60 - 50 = 10, not below 10
     pairs, dropped = run_one(
-        {"reference": ("Ref.", {"m": 60.0}), "a": ("A.", {"m": 55.0}), "b": ("B.", {"m": 50.0})},
+        {REFERENCE: ("Ref.", {"m": 60.0}), "a": ("A.", {"m": 55.0}), "b": ("B.", {"m": 50.0})},
         systems=["a", "b"],
         metrics=["m"],
         min_margin=10.0,
@@ -213,7 +214,7 @@ def test_missing_score_is_dropped():
     # "a" has chrf but no bleu
     pairs, dropped = run_one(
         {
-            "reference": ("Ref.", {"chrf": 60.0, "bleu": 30.0}),
+            REFERENCE: ("Ref.", {"chrf": 60.0, "bleu": 30.0}),
             "a": ("A.", {"chrf": 55.0}),
             "b": ("B.", {"chrf": 20.0, "bleu": 5.0}),
         },
@@ -225,7 +226,7 @@ def test_missing_score_is_dropped():
     assert "a" in dropped[0]["detail"]
 
 
-@pytest.mark.parametrize("only", ["reference", "a"])
+@pytest.mark.parametrize("only", [REFERENCE, "a"])
 def test_a_single_candidate_is_too_few(only):
     pairs, dropped = run_one({only: ("Text.", {"m": 50.0})}, systems=["a", "b"], metrics=["m"])
     assert pairs == []
@@ -244,12 +245,12 @@ def test_many_segments_prompts_and_stats():
     systems, metrics = ["greedy", "sample"], ["m"]
     table = {
         # sid: (lp, {system: (text, score)})
-        "d1": ("de-en", {"reference": ("R1", 90.0), "greedy": ("G1", 50.0), "sample": ("S1", 10.0)}),
-        "d2": ("de-en", {"reference": ("R2", 40.0), "greedy": ("G2", 70.0), "sample": ("S2", 40.0)}),
-        "d3": ("de-en", {"reference": ("R3", 90.0)}),
-        "e1": ("en-de", {"reference": ("R4", 30.0), "greedy": ("G4", 20.0), "sample": ("S4", 80.0)}),
-        "e2": ("en-de", {"reference": ("R5", 30.0), "greedy": ("R5", 20.0), "sample": ("R5", 80.0)}),
-        "c1": ("cs-en", {"reference": ("R6", 99.0), "greedy": ("G6", 1.0)}),
+        "d1": ("de-en", {REFERENCE: ("R1", 90.0), "greedy": ("G1", 50.0), "sample": ("S1", 10.0)}),
+        "d2": ("de-en", {REFERENCE: ("R2", 40.0), "greedy": ("G2", 70.0), "sample": ("S2", 40.0)}),
+        "d3": ("de-en", {REFERENCE: ("R3", 90.0)}),
+        "e1": ("en-de", {REFERENCE: ("R4", 30.0), "greedy": ("G4", 20.0), "sample": ("S4", 80.0)}),
+        "e2": ("en-de", {REFERENCE: ("R5", 30.0), "greedy": ("R5", 20.0), "sample": ("R5", 80.0)}),
+        "c1": ("cs-en", {REFERENCE: ("R6", 99.0), "greedy": ("G6", 1.0)}),
     }
     segments, texts, scores = [], {}, {}
     for sid, (lp, cands) in table.items():
@@ -266,10 +267,10 @@ def test_many_segments_prompts_and_stats():
         (p["segment_id"], p["chosen_system"], p["rejected_system"], p["chosen"], p["rejected"], p["margin"])
         for p in pairs
     ] == [
-        ("d1", "reference", "sample", "R1", "S1", 80.0),
-        ("d2", "greedy", "reference", "G2", "R2", 30.0),
+        ("d1", REFERENCE, "sample", "R1", "S1", 80.0),
+        ("d2", "greedy", REFERENCE, "G2", "R2", 30.0),
         ("e1", "sample", "greedy", "S4", "G4", 60.0),
-        ("c1", "reference", "greedy", "R6", "G6", 98.0),
+        ("c1", REFERENCE, "greedy", "R6", "G6", 98.0),
     ]
     assert [p["prompt"] for p in pairs] == [
         PROMPT["de-en"],
@@ -286,11 +287,11 @@ def test_many_segments_prompts_and_stats():
         "pairs": 4,
         "dropped": {"too_few_candidates": 1, "chosen_equals_rejected": 1},
         "by_lp": {
-            "cs-en": {"pairs": 1, "chosen": {"reference": 1}, "rejected": {"greedy": 1}},
+            "cs-en": {"pairs": 1, "chosen": {REFERENCE: 1}, "rejected": {"greedy": 1}},
             "de-en": {
                 "pairs": 2,
-                "chosen": {"reference": 1, "greedy": 1},
-                "rejected": {"sample": 1, "reference": 1},
+                "chosen": {REFERENCE: 1, "greedy": 1},
+                "rejected": {"sample": 1, REFERENCE: 1},
             },
             "en-de": {"pairs": 1, "chosen": {"sample": 1}, "rejected": {"greedy": 1}},
         },
@@ -302,10 +303,10 @@ def test_selection_stats_of_hand_made_rows():
         return {"lp": lp, "chosen_system": chosen, "rejected_system": rejected}
 
     pairs = [
-        p("de-en", "reference", "greedy"),
-        p("de-en", "reference", "sample"),
+        p("de-en", REFERENCE, "greedy"),
+        p("de-en", REFERENCE, "sample"),
         p("de-en", "sample", "greedy"),
-        p("zh-en", "greedy", "reference"),
+        p("zh-en", "greedy", REFERENCE),
     ]
     dropped = [{"reason": "missing_score"}, {"reason": "margin_below_threshold"}, {"reason": "missing_score"}]
     stats = selection_stats(pairs, dropped)
@@ -315,10 +316,10 @@ def test_selection_stats_of_hand_made_rows():
         "by_lp": {
             "de-en": {
                 "pairs": 3,
-                "chosen": {"reference": 2, "sample": 1},
+                "chosen": {REFERENCE: 2, "sample": 1},
                 "rejected": {"greedy": 2, "sample": 1},
             },
-            "zh-en": {"pairs": 1, "chosen": {"greedy": 1}, "rejected": {"reference": 1}},
+            "zh-en": {"pairs": 1, "chosen": {"greedy": 1}, "rejected": {REFERENCE: 1}},
         },
     }
     assert list(stats["by_lp"]) == ["de-en", "zh-en"]

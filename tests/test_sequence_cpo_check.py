@@ -11,6 +11,7 @@ import pytest
 
 from alma_r.cli import sequence_cpo as sequence_cpo_cli
 from alma_r.experiments import sequence_cpo_check as sc
+from alma_r.experiments import sequence_cpo_report as report
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,16 +68,16 @@ def test_the_doc_table_parses_back_and_keeps_the_hand_written_text(result, tmp_p
     doc.write_text(
         "# title\n\nintro\n\n<!-- sequence-cpo:start -->\nold\n<!-- sequence-cpo:end -->\n\nmy notes\n"
     )
-    section = sc.render_section([result], SIZES, "alma-r sequence-cpo --rows mle,an,tn", 60.0)
-    text = sc.update_doc(doc, section).read_text()
+    section = report.render_section([result], SIZES, "alma-r sequence-cpo --rows mle,an,tn", 60.0)
+    text = report.update_doc(doc, section).read_text()
     assert text.startswith("# title\n\nintro\n") and text.endswith("\n\nmy notes\n") and "\nold\n" not in text
-    parsed = sc.parse_table(text)
-    assert list(parsed) == [sc.row_label(r) for r in result.metrics]
+    parsed = report.parse_table(text)
+    assert list(parsed) == [report.row_label(r) for r in result.metrics]
     for row, metrics in result.metrics.items():
-        for key, label in sc.COLUMNS:
-            assert parsed[sc.row_label(row)][label] == pytest.approx(metrics[key], abs=5e-4)
+        for key, label in report.COLUMNS:
+            assert parsed[report.row_label(row)][label] == pytest.approx(metrics[key], abs=5e-4)
     assert "`alma-r sequence-cpo --rows mle,an,tn`" in text and "exact match" in text
-    assert len(sc.comparisons([result])) == 3  # an, tn and the WiSE-FT row, each against continued MLE
+    assert len(report.comparisons([result])) == 3  # an, tn and the WiSE-FT row, each against continued MLE
 
 
 def test_the_check_fails_when_the_loss_is_inverted(result, tmp_path, monkeypatch):
@@ -101,10 +102,12 @@ def test_the_cli_knows_the_rows_of_the_check():
 
 
 def test_the_committed_doc_holds_a_full_table_written_by_the_command():
-    text = sc.DOC_PATH.read_text(encoding="utf-8")
-    assert text.count(sc.START) == 1 and text.count(sc.END) == 1 and "## What it shows" in text
-    parsed = sc.parse_table(text)
-    assert {sc.row_label(r) for r in ("start", *sc.RUNS)} <= set(parsed)
+    text = report.DOC_PATH.read_text(encoding="utf-8")
+    assert text.count(report.START) == 1 and text.count(report.END) == 1 and "## What it shows" in text
+    parsed = report.parse_table(text)
+    assert {report.row_label(r) for r in ("start", *sc.RUNS)} <= set(parsed)
     for row in parsed.values():
-        assert set(row) == {label for _, label in sc.COLUMNS} and all(math.isfinite(v) for v in row.values())
+        assert set(row) == {label for _, label in report.COLUMNS} and all(
+            math.isfinite(v) for v in row.values()
+        )
     assert "- Command: `alma-r sequence-cpo --seeds" in text

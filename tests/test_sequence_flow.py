@@ -154,7 +154,8 @@ def test_judge_stage_asks_both_orders_and_the_report_shows_win_rates(finished_ru
     from alma_r.data.schemas import CANDIDATES, INSTRUCTIONS
     from alma_r.models.evaluate.judge import judge_prompts, wilson_interval
     from alma_r.tasks.runtime.stage import StageResult
-    from alma_r.tasks.sequence.evaluate_tmp import judge_query, judge_stage, report_stage
+    from alma_r.tasks.sequence.judge import judge_query, judge_stage
+    from alma_r.tasks.sequence.report import report_stage
 
     run_dir, first, _, _, _, overrides = finished_run
     judge = FakeJudge(always_a)
@@ -232,7 +233,7 @@ def test_a_gpu_stage_request_runs_in_a_child_process(tmp_path):
     """GPU stages run as `python -m alma_r.tasks.runtime.stage_process REQUEST RESPONSE`: the request carries the config
     class, so the child rebuilds a SequenceRunConfig (not the translation flow's RunConfig)."""
     from alma_r.tasks.runtime.prefect_stage import stage_request
-    from alma_r.tasks.sequence.stages_tmp import ingest_stage
+    from alma_r.tasks.sequence.ingest import ingest_stage
 
     cfg = load_sequence_config(CONFIG, [f"run.root={tmp_path}"])
     request = stage_request(ingest_stage, cfg, tmp_path, ())
@@ -262,3 +263,14 @@ def test_deployment_entry():
     from alma_r.flows.sequence_cpo import sequence_cpo
 
     assert sequence_cpo.name == "sequence-cpo"  # deployment sequence-cpo/dolly-tiny
+
+
+def test_an_unknown_force_stage_is_refused_before_anything_runs():
+    from alma_r.flows.sequence_cpo import STAGES
+    from alma_r.flows.steps import forced_stages
+
+    assert (
+        forced_stages(["train", "all"], STAGES) == {"train", "all"} and forced_stages(None, STAGES) == set()
+    )
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['trian'\]; stages are ingest, prepare_model"):
+        forced_stages(["trian"], STAGES)

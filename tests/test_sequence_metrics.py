@@ -18,7 +18,7 @@ from alma_r.models.sequence.metrics import (
     reverse_kl_plugin,
     sequence_logps,
 )
-from alma_r.models.train.recipe import tokenize_pair
+from alma_r.models.train.batching import tokenize_pair
 
 # A toy with an enumerable support: Q and P-hat over three sequences of one prompt.
 Q = [0.5, 0.3, 0.2]

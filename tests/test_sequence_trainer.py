@@ -13,8 +13,8 @@ from alma_r.models import synthetic
 from alma_r.models.loading import load_model
 from alma_r.models.sequence.negatives import NegativeMix
 from alma_r.models.sequence.trainer import SequenceCPORecipe, SequenceCPOSettings
+from alma_r.models.train.batching import collate
 from alma_r.models.train.logprobs import CompletionLogps
-from alma_r.models.train.recipe import collate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +43,6 @@ def _settings(**kw) -> SequenceCPOSettings:
         logging_steps=1,
         max_prompt_length=64,
         max_length=128,
-        seed=0,
     )
     return SequenceCPOSettings(**{**base, **kw})
 
@@ -57,7 +56,8 @@ def _count_decoder_calls(model) -> list[bool]:
 
 @pytest.mark.parametrize("ranking", [False, True])
 def test_reference_logps_are_computed_once_by_the_starting_model(model_dir, tmp_path, ranking):
-    recipe = SequenceCPORecipe(_settings(ranking=ranking), str(model_dir), _examples(12), tmp_path)
+    settings = _settings(loss="plackett_luce" if ranking else "best_of_k")
+    recipe = SequenceCPORecipe(settings, str(model_dir), _examples(12), tmp_path, seed=0)
     recipe._setup_model()
     calls = _count_decoder_calls(recipe.model)
     recipe._setup_data()
@@ -103,8 +103,8 @@ def test_reference_logps_are_computed_once_by_the_starting_model(model_dir, tmp_
 
 
 def test_it_learns_to_prefer_the_ground_truth(model_dir, tmp_path):
-    settings = _settings(max_steps=15, batch_size=4, micro_batch_size=2, seed=1)
-    recipe = SequenceCPORecipe(settings, str(model_dir), _examples(4), tmp_path).setup().train()
+    settings = _settings(max_steps=15, batch_size=4, micro_batch_size=2)
+    recipe = SequenceCPORecipe(settings, str(model_dir), _examples(4), tmp_path, seed=1).setup().train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
     assert records[-1]["rewards/accuracies"] == 1.0
@@ -123,6 +123,7 @@ def test_micro_batches_do_not_change_the_step(model_dir, tmp_path):
             str(model_dir),
             _examples(8),
             tmp_path / str(micro),
+            seed=0,
         )
         recipe.setup().train()
         weights.append(recipe.model.lm_head.weight.detach().clone())
@@ -136,5 +137,5 @@ def test_bad_settings_are_refused(model_dir, tmp_path):
         SequenceCPOSettings(beta=0)
     with pytest.raises(ValueError, match="autoregressive negatives need"):
         SequenceCPORecipe(
-            SequenceCPOSettings(negatives=NegativeMix(autoregressive=2)), "x", _examples(2), tmp_path
+            SequenceCPOSettings(negatives=NegativeMix(autoregressive=2)), "x", _examples(2), tmp_path, seed=0
         )

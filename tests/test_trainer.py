@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from alma_r.models.train.recipe import CPORecipe, TrainSettings
+from alma_r.models.train.recipe import CPORecipe
+from alma_r.models.train.settings import TrainSettings
 
 PAIRS = [
     {
@@ -21,9 +21,11 @@ PAIRS = [
     for i in range(12)
 ]
 
+SEED = 7  # the run's seed: a keyword of the recipe, not a training setting
+
 
 def settings(**kw) -> TrainSettings:
-    base = TrainSettings(
+    base = dict(
         learning_rate=5e-3,
         lr_scheduler="linear",
         warmup_ratio=0.0,
@@ -33,10 +35,9 @@ def settings(**kw) -> TrainSettings:
         logging_steps=1,
         max_prompt_length=64,
         max_length=128,
-        seed=7,
         lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["down_proj", "q_proj"]},
     )
-    return replace(base, **kw)
+    return TrainSettings(**(base | kw))
 
 
 def losses(out_dir) -> dict[int, float]:
@@ -50,10 +51,12 @@ class Crash(RuntimeError):
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
-    straight = CPORecipe(settings(), str(tiny_model_dir), PAIRS, tmp_path / "straight").setup().train()
+    straight = (
+        CPORecipe(settings(), str(tiny_model_dir), PAIRS, tmp_path / "straight", seed=SEED).setup().train()
+    )
     straight.save(tmp_path / "straight" / "adapter")
 
-    crashing = CPORecipe(settings(), str(tiny_model_dir), PAIRS, tmp_path / "resumed").setup()
+    crashing = CPORecipe(settings(), str(tiny_model_dir), PAIRS, tmp_path / "resumed", seed=SEED).setup()
     real_loss = crashing._loss
 
     def loss_then_crash(*args, **kwargs):
@@ -65,7 +68,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tiny_model_dir, t
     with pytest.raises(Crash):
         crashing.train()
 
-    resumed = CPORecipe(settings(), str(tiny_model_dir), PAIRS, tmp_path / "resumed").setup()
+    resumed = CPORecipe(settings(), str(tiny_model_dir), PAIRS, tmp_path / "resumed", seed=SEED).setup()
     assert resumed.resumed_from == 2
     resumed.train().save(tmp_path / "resumed" / "adapter")
 
@@ -80,11 +83,13 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tiny_model_dir, t
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(tiny_model_dir, tmp_path):
-    CPORecipe(settings(max_steps=3), str(tiny_model_dir), PAIRS, tmp_path).setup().train()
+    CPORecipe(settings(max_steps=3), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED).setup().train()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
-    same = CPORecipe(settings(max_steps=3), str(tiny_model_dir), PAIRS, tmp_path).setup()
+    same = CPORecipe(settings(max_steps=3), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED).setup()
     assert same.resumed_from == 2
-    other = CPORecipe(settings(max_steps=3, beta=0.5), str(tiny_model_dir), PAIRS, tmp_path).setup()
+    other = CPORecipe(
+        settings(max_steps=3, beta=0.5), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED
+    ).setup()
     assert other.resumed_from is None and other.step == 0
 
 
@@ -99,6 +104,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, tmp_path
             str(tiny_model_dir),
             PAIRS,
             tmp_path / "one",
+            seed=SEED,
         )
         .setup()
         .train()
@@ -109,6 +115,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, tmp_path
             str(tiny_model_dir),
             PAIRS,
             tmp_path / "two",
+            seed=SEED,
         )
         .setup()
         .train()
@@ -125,6 +132,7 @@ def test_training_moves_the_margin_towards_chosen(tiny_model_dir, tmp_path):
         str(tiny_model_dir),
         PAIRS,
         tmp_path,
+        seed=SEED,
     ).setup()
     first = recipe._forward(recipe.examples[:8])
     recipe.train()
@@ -136,14 +144,18 @@ def test_training_moves_the_margin_towards_chosen(tiny_model_dir, tmp_path):
 
 
 def test_gradient_checkpointing_and_bf16_autocast(tiny_model_dir, tmp_path):
-    plain = CPORecipe(settings(max_steps=1), str(tiny_model_dir), PAIRS, tmp_path / "a").setup()
+    plain = CPORecipe(settings(max_steps=1), str(tiny_model_dir), PAIRS, tmp_path / "a", seed=SEED).setup()
     checkpointed = CPORecipe(
-        settings(max_steps=1, gradient_checkpointing=True), str(tiny_model_dir), PAIRS, tmp_path / "b"
+        settings(max_steps=1, gradient_checkpointing=True),
+        str(tiny_model_dir),
+        PAIRS,
+        tmp_path / "b",
+        seed=SEED,
     ).setup()
     idx = list(range(4))
     torch.testing.assert_close(plain._loss(idx)[0].loss, checkpointed._loss(idx)[0].loss)
     bf16 = CPORecipe(
-        settings(max_steps=2, mixed_precision="bf16"), str(tiny_model_dir), PAIRS, tmp_path / "c"
+        settings(max_steps=2, mixed_precision="bf16"), str(tiny_model_dir), PAIRS, tmp_path / "c", seed=SEED
     ).setup()
     out, logp_c, _ = bf16._loss(idx)
     assert logp_c.dtype == torch.float32 and torch.isfinite(out.loss)
@@ -154,7 +166,9 @@ def test_gradient_checkpointing_and_bf16_autocast(tiny_model_dir, tmp_path):
 
 
 def test_dpo_uses_cached_reference_logps_of_the_starting_policy(tiny_model_dir, tmp_path):
-    recipe = CPORecipe(settings(loss_type="dpo", max_steps=2), str(tiny_model_dir), PAIRS, tmp_path).setup()
+    recipe = CPORecipe(
+        settings(loss_type="dpo", max_steps=2), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED
+    ).setup()
     assert recipe.ref_logps.shape == (len(PAIRS), 2)
     (cache,) = tmp_path.glob("reference_logps-*.safetensors")
     # At the start the policy is the reference: every log-ratio is 0, so the DPO loss is log 2 (+ NLL).
@@ -162,7 +176,9 @@ def test_dpo_uses_cached_reference_logps_of_the_starting_policy(tiny_model_dir, 
     assert out.chosen_rewards.abs().max().item() < 1e-5 and out.rejected_rewards.abs().max().item() < 1e-5
     assert out.preference.item() == pytest.approx(math.log(2), abs=1e-5)
     recipe.train()
-    again = CPORecipe(settings(loss_type="dpo", max_steps=2), str(tiny_model_dir), PAIRS, tmp_path).setup()
+    again = CPORecipe(
+        settings(loss_type="dpo", max_steps=2), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED
+    ).setup()
     torch.testing.assert_close(again.ref_logps, load_file(cache)["logps"])
     torch.testing.assert_close(again.ref_logps, recipe.ref_logps)
 
@@ -171,7 +187,9 @@ def test_merged_model_equals_base_plus_adapter(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    recipe = CPORecipe(settings(max_steps=3, save_merged=True), str(tiny_model_dir), PAIRS, tmp_path).setup()
+    recipe = CPORecipe(
+        settings(max_steps=3, save_merged=True), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED
+    ).setup()
     recipe.train().save(tmp_path / "adapter")
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")

@@ -8,7 +8,8 @@ import torch
 
 from alma_r.config import SAMPLE_DIR
 from alma_r.models.prompts import make_prompt
-from alma_r.models.train.recipe import CPORecipe, TrainSettings
+from alma_r.models.train.recipe import CPORecipe
+from alma_r.models.train.settings import TrainSettings
 
 trl_cpo = pytest.importorskip("trl.experimental.cpo")
 
@@ -76,11 +77,11 @@ def test_first_step_equals_trl(tiny_model_dir, tmp_path, loss_type):
         max_steps=1,
         batch_size=len(pairs),
         tokenization="trl",
-        lora=None,
+        finetune="full",
         max_prompt_length=256,
         max_length=512,
     )
-    recipe = CPORecipe(settings, str(tiny_model_dir), pairs, tmp_path / "ours").setup()
+    recipe = CPORecipe(settings, str(tiny_model_dir), pairs, tmp_path / "ours", seed=42).setup()
     assert len(recipe.examples) == len(pairs)
     with torch.no_grad():
         out, logp_c, logp_r = recipe._loss(list(range(len(pairs))))

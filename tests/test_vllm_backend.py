@@ -15,6 +15,7 @@ import pytest
 from alma_r.config import SAMPLE_DIR
 from alma_r.models.generate.hf_backend import Decoding
 from alma_r.models.generate.vllm_backend import (
+    DEFAULT_VLLM_PYTHON,
     MAKE_TARGET,
     VllmJob,
     _job_spec,
@@ -23,6 +24,7 @@ from alma_r.models.generate.vllm_backend import (
     generate_with_vllm,
     prompt_seed,
 )
+from tests.conftest import REPO
 
 VLLM_PYTHON = default_vllm_python()
 READY = Path(VLLM_PYTHON).parent.parent / ".ready"
@@ -39,6 +41,13 @@ KV_CACHE = 256 * 2**20  # the tiny model needs little; vLLM's default sizing tak
 
 
 # ----------------------------------------------------------------------------- no vLLM environment needed
+
+
+def test_the_default_vllm_python_is_the_checkouts_environment(monkeypatch):
+    # Not <repo>/models/.venv-vllm: a wrong default would skip every vLLM test below without a word.
+    assert DEFAULT_VLLM_PYTHON == REPO / ".venv-vllm" / "bin" / "python"
+    monkeypatch.delenv("ALMA_R_VLLM_PYTHON", raising=False)
+    assert default_vllm_python() == str(DEFAULT_VLLM_PYTHON)
 
 
 def test_a_missing_vllm_python_names_the_make_target(tmp_path):
@@ -85,7 +94,8 @@ def run(tmp_path_factory) -> Run:
     from alma_r.models.loading import load_model, load_tokenizer
     from alma_r.models.prompts import make_prompt
     from alma_r.models.tiny import build_tiny_model
-    from alma_r.models.train.recipe import CPORecipe, TrainSettings
+    from alma_r.models.train.recipe import CPORecipe
+    from alma_r.models.train.settings import TrainSettings
 
     root = tmp_path_factory.mktemp("vllm")
     de, en = _lines("human_written/deen/train.de-en.de"), _lines("human_written/deen/train.de-en.en")
@@ -120,10 +130,9 @@ def run(tmp_path_factory) -> Run:
         save_steps=10**6,
         max_prompt_length=128,
         max_length=192,
-        seed=1,
         lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
     )
-    adapter = str(CPORecipe(lora, model, pairs, root / "lora").setup().train().save(root / "adapter"))
+    adapter = str(CPORecipe(lora, model, pairs, root / "lora", seed=1).setup().train().save(root / "adapter"))
 
     # Real WMT'22 de->en sources, and one prompt over the token limit (skipped by both backends, never cut).
     wmt = _lines("wmt22/deen/test.de-en.de")

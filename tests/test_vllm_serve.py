@@ -27,7 +27,6 @@ def test_vllm_serve_behind_a_faulty_proxy(vllm_server, tmp_path):
         base_url=f"http://127.0.0.1:{proxy.port}/v1",
         model="tiny",
         api="completions",
-        api_key_env=None,
         max_concurrency=4,
         max_retries=12,
         backoff_s=0.01,

@@ -1,10 +1,10 @@
 """`alma-r evaluate`: any mix of systems on named test sets and directions, outside the flow.
 
     alma-r evaluate --test-set wmt22 --lps de-en en-de \\
-        --testset-dir ../shared/data/alma/outputs/wmt22_outputs/wmt-testset \\
+        --testset-dir path/to/wmt-testset \\
         --system base=hf:runs/tiny/sft/model \\
         --system cpo=hf:runs/tiny/sft/model,adapter=runs/tiny/train/adapter \\
-        --system ALMA-13B-R=file:../shared/data/alma/outputs/wmt22_outputs/ALMA-13B-R/{xxyy}/test.{src}-{tgt}.{tgt} \\
+        --system ALMA-13B-R=file:path/to/ALMA-13B-R/{xxyy}/test.{src}-{tgt}.{tgt} \\
         --output runs/eval-once
 
 Test sets come from a folder in ALMA's layout (<dir>/<xxyy>/test.<src>-<tgt>.<lang>) or, without --testset-dir,

@@ -1,5 +1,6 @@
-"""`alma-r judge`: pairwise LLM-judge win rate of outputs against references (paper 003's evaluation), both
-answer orders, through an OpenAI-compatible endpoint.
+"""`alma-r judge`: pairwise LLM-judge win rate of outputs against references, both answer orders, through an
+OpenAI-compatible endpoint (the evaluation of "Sequence-level Large Language Model Training with Contrastive
+Preference Optimization", anonymous ACL submission, section 5).
 
     alma-r judge --input runs/dolly/outputs.parquet --system cpo \\
         --base-url https://api.openai.com/v1 --model gpt-3.5-turbo-0613 \\
@@ -7,10 +8,11 @@ answer orders, through an OpenAI-compatible endpoint.
 
 Input rows (Parquet, JSON lines or a JSON list) hold the query, the model's output and the ground truth, in the
 columns named by --query-column / --output-column / --reference-column (default prompt, output, reference).
-The endpoint comes from flags, or from --endpoint FILE (YAML: base_url, model, api, api_key_env, ...), which
-the flags override. Writes the result as JSON (--output), every item's raw answers as JSON lines beside it
-(<output>.items.jsonl) and caches requests in <output folder>/_cache/judge.sqlite, so a rerun asks nothing
-twice; prints the markdown row.
+The endpoint comes from flags, or from --endpoint FILE (YAML: base_url, model, api, api_key_env,
+api_key_secret, ...), which the flags override. The key is read from the Prefect Secret block api_key_secret
+when set, else from the environment variable api_key_env, and is never printed. Writes the result as JSON
+(--output), every item's raw answers as JSON lines beside it (<output>.items.jsonl) and caches requests in
+<output folder>/_cache/judge.sqlite, so a rerun asks nothing twice; prints the markdown row.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def add_judge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", help="the judge model the server knows, e.g. gpt-3.5-turbo-0613")
     p.add_argument("--api", choices=["chat", "completions"])
     p.add_argument("--api-key-env", help="environment variable holding the key ('' for none)")
+    p.add_argument("--api-key-secret", help="Prefect Secret block holding the key (wins over --api-key-env)")
     p.add_argument("--max-concurrency", type=int)
     p.add_argument("--template", choices=["dolly", "wiki"], default="dolly")
     p.add_argument("--max-tokens", type=int, default=8)
@@ -52,7 +55,7 @@ def endpoint_from_args(args: argparse.Namespace):
     from pydantic import ValidationError
 
     from alma_r.config import EndpointSection
-    from alma_r.models.generate.openai_backend import EndpointConfig
+    from alma_r.tasks.shared.endpoints import endpoint_config
 
     fields = {}
     if args.endpoint:
@@ -64,6 +67,7 @@ def endpoint_from_args(args: argparse.Namespace):
         "model": args.model,
         "api": args.api,
         "api_key_env": args.api_key_env,
+        "api_key_secret": args.api_key_secret,
         "max_concurrency": args.max_concurrency,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
@@ -74,7 +78,9 @@ def endpoint_from_args(args: argparse.Namespace):
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise ValueError(f"endpoint: {problems}") from None
-    return EndpointConfig(**section.model_dump())
+    # The key (api_key_secret's Prefect Secret block, else api_key_env's variable) is resolved here, not in the
+    # backend.
+    return endpoint_config(section)
 
 
 def read_judge_rows(path: Path, columns: tuple[str, str, str]) -> tuple[list[str], list[str], list[str]]:

@@ -37,11 +37,11 @@ def add_published_parser(sub) -> None:
 def run_published_cli(args: argparse.Namespace) -> int:
     from alma_r.data.io import write_json_atomic, write_table
     from alma_r.data.published import DELTA_PREFERS, SYSTEMS, from_published, load_published
-    from alma_r.data.schemas import DROPPED, PAIRS
+    from alma_r.data.schemas import DROPPED, PAIRS, REFERENCE
     from alma_r.tasks.select import select_pairs, selection_stats
 
     data = from_published(load_published(args.source, args.config), where=args.source)
-    texts = {(s["id"], "reference"): s["ref"] for s in data.segments}
+    texts = {(s["id"], REFERENCE): s["ref"] for s in data.segments}
     texts.update({(c["segment_id"], c["system"]): c["hypothesis"] for c in data.candidates})
     scores = {(s["segment_id"], s["system"], s["metric"]): s["score"] for s in data.scores}
     pairs, dropped = select_pairs(

@@ -1,4 +1,5 @@
-"""`alma-r sequence-cpo`: the table of alma_r/experiments/sequence_cpo_check.py, printed and written to the docs.
+"""`alma-r sequence-cpo`: the table of alma_r/experiments/sequence_cpo_check.py, printed and written to the docs
+(alma_r/experiments/sequence_cpo_report.py).
 
     alma-r sequence-cpo --seeds 1 --write-doc            (~10-15 min on one CPU core; the scorer is cached)
     alma-r sequence-cpo --rows mle,bn,mn,tn,mixn,bnr,mnr,tnr,mixnr,an,anr --write-doc   (every row of the paper)
@@ -49,6 +50,7 @@ def run_sequence_cpo_cli(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from alma_r.experiments import sequence_cpo_check as sc
+    from alma_r.experiments import sequence_cpo_report as report
 
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     unknown = [r for r in rows if r not in sc.RUNS]
@@ -62,13 +64,13 @@ def run_sequence_cpo_cli(args: argparse.Namespace) -> int:
     results = sc.run_check(sizes, list(range(args.seeds)), args.cache_dir, work_dir=args.work_dir)
     seconds = time.perf_counter() - start
     print(f"\nSequence-level CPO check, {args.seeds} seed(s) ({seconds / 60:.1f} min):\n")
-    print(sc.table(results))
-    print("\n".join(["", *sc.comparisons(results)]))
+    print(report.table(results))
+    print("\n".join(["", *report.comparisons(results)]))
     if args.write_doc:
         command = f"alma-r sequence-cpo --seeds {args.seeds} --rows {','.join(rows)}"
         command += f" --steps {args.steps}" if args.steps else ""
         command += f" --work-dir {args.work_dir}" if args.work_dir else ""
         command += " --write-doc"
-        path = sc.update_doc(sc.DOC_PATH, sc.render_section(results, sizes, command, seconds))
+        path = report.update_doc(report.DOC_PATH, report.render_section(results, sizes, command, seconds))
         print(f"\nwrote {path}")
     return 0

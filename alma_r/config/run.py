@@ -13,6 +13,8 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from alma_r.config.base import Section, nearest_key, sections_hash
 from alma_r.data.languages import split_lp
+from alma_r.data.schemas import REFERENCE
+from alma_r.models.train.settings import LoraSettings, TrainSettings
 
 
 class SourceConfig(Section):
@@ -297,72 +299,16 @@ class SelectSection(Section):
     noise_swap: float = Field(0.3, ge=0, lt=1, description="noise: probability of swapping adjacent words.")
 
 
-class LoraConfig(Section):
-    r: int = Field(16, ge=1, description="Paper: 16.")
-    alpha: int = Field(32, ge=1, description="Paper: 32.")
-    dropout: float = Field(
-        0.0, ge=0, lt=1, description="Off by default (exact resume, DDP equivalence); paper: 0.05."
-    )
-    target_modules: list[str] = Field(default_factory=lambda: ["down_proj"])
+# The LoRA settings and the train section are the CPO recipe's own settings (models/train/settings.py): declared
+# once there, so that YAML, `--set train.x=...`, `alma-r train`'s flags and the recipe can never disagree.
+LoraConfig = LoraSettings
 
 
-class TrainSection(Section):
-    """CPO (Xu et al., 2024, eq. 3-6): L = -log sigmoid(beta*(logp_w - logp_l)) + cpo_alpha * NLL(y_w)."""
-
-    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "dpo", "sft"] = Field(
-        "sigmoid",
-        description="sigmoid = CPO (paper); hinge/ipo/simpo as TRL's CPOTrainer; dpo with reference "
-        "log-probs of the starting policy computed once and cached; sft = NLL on chosen only (paper ablation).",
-    )
-    beta: float = Field(0.1, gt=0, description="Paper: 0.1.")
-    cpo_alpha: float = Field(1.0, ge=0, description="Weight of the NLL term on chosen (paper: 1).")
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="sigmoid/dpo/simpo only (conservative DPO)."
-    )
-    simpo_gamma: float = Field(0.5, description="SimPO target margin (TRL's absolute simpo_gamma).")
-    simpo_gamma_beta_ratio: float | None = Field(
-        None, description="SimPO paper's gamma/beta ratio; when set, simpo_gamma = ratio * beta."
-    )
-    tokenization: Literal["alma", "trl"] = Field(
-        "alma",
-        description="alma: prompt and completion tokenised separately, no BOS, EOS appended (ALMA-R); "
-        "trl: joint tokenisation with BOS (TRL's CPOTrainer).",
-    )
-    shared_prompt: bool = Field(
-        True, description="Encode each prompt once for chosen and rejected (packed rows)."
-    )
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="bf16 autocast; log-softmax stays float32."
-    )
-    finetune: Literal["lora", "full"] = Field("lora", description="full: train every weight (no adapter).")
-    save_merged: bool = Field(False, description="Also write the base model with the adapter merged in.")
-    lora: LoraConfig = LoraConfig()
-    learning_rate: float = Field(1e-4, gt=0, description="Paper: 1e-4.")
-    lr_scheduler: Literal["inverse_sqrt", "linear", "cosine", "constant"] = "inverse_sqrt"
-    warmup_ratio: float = Field(0.01, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    num_epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_prompt_length: int = Field(
-        256, ge=8, description="Pairs with longer prompts are skipped and counted."
-    )
-    max_length: int = Field(512, ge=16, description="Prompt + completion tokens; longer pairs are skipped.")
-    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume point).")
-    logging_steps: int = Field(5, ge=1)
-
-    @model_validator(mode="after")
-    def _lengths(self) -> TrainSection:
-        if self.loss_type == "simpo" and self.simpo_gamma_beta_ratio is not None:
-            object.__setattr__(self, "simpo_gamma", self.simpo_gamma_beta_ratio * self.beta)
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
-            )
-        return self
+class TrainSection(TrainSettings):
+    """The `train` section: the CPO recipe's TrainSettings ("Contrastive Preference Optimization: Pushing the
+    Boundaries of LLM Performance in Machine Translation", Xu et al., ICML 2024, eq. 3-6), every field with the
+    same type, default and check. The seed is run.seed; the weights' dtype and trust_remote_code are the model
+    section's."""
 
 
 class ImportedSystem(Section):
@@ -406,7 +352,7 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _cross_stage(self) -> RunConfig:
         names = [n for s in self.generate.systems for n in s.system_names()]
-        if len(set(names)) != len(names) or "reference" in names:
+        if len(set(names)) != len(names) or REFERENCE in names:
             raise ValueError(f"generate.systems names must be unique and not 'reference': {names}")
         unknown = [m for m in self.evaluate.metrics if m not in ("bleu", "chrf", *self.score.comet_models)]
         if unknown:

@@ -1,5 +1,6 @@
 """The run configuration of the `sequence-cpo` flow (flows/sequence_cpo.py): sequence-level CPO with synthetic
-negatives in the instruction-following setting of shared/seeds/003 (Dolly-style data from a local file).
+negatives in the instruction-following setting of "Sequence-level Large Language Model Training with Contrastive
+Preference Optimization" (anonymous ACL submission, section 5; Dolly-style data from a local file).
 
 One typed section per stage, unknown keys rejected with the nearest valid key, `--set a.b=value` overrides,
 `sample:` paths: the loader and error style of alma_r/config/, whose `run` and `model` sections are reused as
@@ -17,7 +18,7 @@ from alma_r.config.base import Section, sections_hash
 from alma_r.config.loading import load_config
 from alma_r.config.run import EndpointSection, ModelSection, RunSection, TinyModelConfig
 from alma_r.data.dolly import DollyConfig
-from alma_r.models.sequence.negatives import NegativeMix
+from alma_r.models.sequence.settings import LrScheduler, NegativeMix, SequenceCPOHyperparameters
 
 
 class DataSection(Section):
@@ -52,9 +53,7 @@ class MleSection(Section):
     batch_size: int = Field(64, ge=1, description="Paper: 64.")
     learning_rate: float = Field(1e-5, gt=0, description="Paper: 1e-5, AdamW.")
     weight_decay: float = Field(0.05, ge=0, description="Paper: 0.05.")
-    lr_scheduler: Literal["constant", "cosine", "linear", "inverse_sqrt"] = Field(
-        "constant", description="Paper: a fixed learning rate."
-    )
+    lr_scheduler: LrScheduler = Field("constant", description="Paper: a fixed learning rate.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_prompt_length: int = Field(256, ge=8, description="Longer prompts are skipped and counted.")
     max_length: int = Field(512, ge=16, description="Prompt + response tokens; longer examples are skipped.")
@@ -70,17 +69,11 @@ class MleSection(Section):
         return self
 
 
-class NegativesSection(Section):
-    """Negatives per example (models/sequence/negatives.py); paper MixN = 3 BN + 5 MN + 3 TN. AN > 0 adds the generate
-    stage: `samples` top-k samples of the MLE model per training instruction, drawn once, offline."""
+class NegativesSection(NegativeMix, Section):
+    """Negatives per example (models/sequence/settings.py's NegativeMix: its counts, share and checks); AN > 0
+    adds the generate stage: `samples` top-k samples of the MLE model per training instruction, drawn once,
+    offline (section 4.2)."""
 
-    batch: int = Field(3, ge=0, description="BN: other rows' responses; needs train.batch_size >= 2.")
-    meanfield: int = Field(5, ge=0, description="MN: a share of positions resampled from the MLE model.")
-    truncation: int = Field(3, ge=0, description="TN: a strict prefix of the response, then EOS.")
-    autoregressive: int = Field(0, ge=0, description="AN per example, drawn from the generated samples.")
-    meanfield_share: float = Field(
-        0.25, gt=0, le=1, description="c: share of positions an MN changes (the paper gives no value)."
-    )
     samples: int = Field(4, ge=1, description="AN: samples generated per training instruction.")
     top_k: int = Field(50, ge=0, description="AN: top-k of the sampling (paper: 50; 0 = no cut).")
     temperature: float = Field(1.0, gt=0, description="AN: sampling temperature.")
@@ -88,63 +81,14 @@ class NegativesSection(Section):
     max_prompt_tokens: int = Field(256, ge=8, description="AN: longer prompts get no samples (counted).")
     batch_size: int = Field(16, ge=1, description="AN: prompts per generate call.")
 
-    @model_validator(mode="after")
-    def _some(self) -> NegativesSection:
-        self.mix()  # NegativeMix's own checks, with its message
-        return self
-
     def mix(self) -> NegativeMix:
-        return NegativeMix(
-            batch=self.batch,
-            meanfield=self.meanfield,
-            truncation=self.truncation,
-            autoregressive=self.autoregressive,
-            meanfield_share=self.meanfield_share,
-        )
+        """The counts and share alone, as the trainer takes them."""
+        return NegativeMix(**self.model_dump(include=set(NegativeMix.model_fields)))
 
 
-class SequenceTrainSection(Section):
-    """Sequence-level CPO from the MLE model (models/sequence/trainer.py), every weight trained."""
-
-    loss: Literal["best_of_k", "plackett_luce"] = Field(
-        "best_of_k",
-        description="best_of_k: eq. 7 (the ground truth against every negative); plackett_luce: eq. 8 with "
-        "negatives ranked by embedding cosine similarity to the ground truth (the paper's 'R' rows).",
-    )
-    beta: float = Field(5.0, gt=0, description="Paper: 5.")
-    embedding_model: str | None = Field(
-        None,
-        description="plackett_luce: local embedding model folder ranking the negatives; None = the MLE model's "
-        "own mean-pooled states.",
-    )
-    learning_rate: float = Field(1e-5, gt=0, description="Paper: 1e-5, AdamW.")
-    weight_decay: float = Field(0.05, ge=0, description="Paper: 0.05.")
-    lr_scheduler: Literal["constant", "cosine", "linear", "inverse_sqrt"] = "constant"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    batch_size: int = Field(64, ge=1, description="Examples per optimizer step (paper: 64).")
-    micro_batch_size: int | None = Field(None, ge=1, description="Examples per forward pass; None = batch.")
-    max_steps: int = Field(1000, ge=1, description="Paper: 1000 steps after MLE.")
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_prompt_length: int = Field(256, ge=8)
-    max_length: int = Field(512, ge=16)
-    logging_steps: int = Field(10, ge=1)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SequenceTrainSection:
-        if self.embedding_model is not None and self.loss != "plackett_luce":
-            raise ValueError(
-                f"embedding_model ({self.embedding_model}) ranks negatives for loss plackett_luce only; "
-                f"loss is {self.loss}"
-            )
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
-            )
-        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
-            raise ValueError(
-                f"micro_batch_size ({self.micro_batch_size}) must be at most batch_size ({self.batch_size})"
-            )
-        return self
+class SequenceTrainSection(SequenceCPOHyperparameters, Section):
+    """Sequence-level CPO from the MLE model (models/sequence/settings.py's SequenceCPOHyperparameters: its
+    fields, defaults and checks), every weight trained."""
 
 
 class WiseFtSection(Section):

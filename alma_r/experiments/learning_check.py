@@ -26,17 +26,19 @@ import statistics
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from alma_r.data.schemas import REFERENCE
 from alma_r.models import synthetic
 from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.score.cache import ScoreCache
-from alma_r.models.train.recipe import CPORecipe, TrainSettings
-from alma_r.tasks.select import REFERENCE, select_pairs
+from alma_r.models.train.recipe import CPORecipe
+from alma_r.models.train.settings import TrainSettings
+from alma_r.tasks.select import select_pairs
 from alma_r.tasks.shared.scoring import score_items
 
 METRIC = "oracle"
@@ -133,18 +135,19 @@ def one_torch_thread():
 # ------------------------------------------------------------------------------------------------- stages
 
 
-def _settings(sizes: Sizes, seed: int, **kw) -> TrainSettings:
-    base = TrainSettings(
-        lora=None,  # every weight: the model is tiny
-        max_prompt_length=64,
-        max_length=128,
-        save_steps=10**9,  # a run of seconds needs no checkpoints
-        logging_steps=50,
-        seed=seed,
-        beta=sizes.beta,
-        cpo_alpha=sizes.cpo_alpha,
+def _settings(sizes: Sizes, **kw) -> TrainSettings:
+    return TrainSettings(
+        **{
+            "finetune": "full",  # every weight: the model is tiny
+            "max_prompt_length": 64,
+            "max_length": 128,
+            "save_steps": 10**9,  # a run of seconds needs no checkpoints
+            "logging_steps": 50,
+            "beta": sizes.beta,
+            "cpo_alpha": sizes.cpo_alpha,
+            **kw,
+        }
     )
-    return replace(base, **kw)
 
 
 def train_sft(base_dir: Path, task: synthetic.TaskData, sizes: Sizes, seed: int, out_dir: Path) -> Path:
@@ -153,7 +156,6 @@ def train_sft(base_dir: Path, task: synthetic.TaskData, sizes: Sizes, seed: int,
     examples = [{"prompt": s.prompt, "chosen": s.ref, "rejected": s.ref} for s in task.train]
     settings = _settings(
         sizes,
-        seed,
         loss_type="sft",
         learning_rate=sizes.sft_lr,
         lr_scheduler="cosine",
@@ -161,7 +163,7 @@ def train_sft(base_dir: Path, task: synthetic.TaskData, sizes: Sizes, seed: int,
         max_steps=sizes.sft_steps,
         batch_size=sizes.sft_batch,
     )
-    recipe = CPORecipe(settings, str(base_dir), examples, out_dir).setup().train()
+    recipe = CPORecipe(settings, str(base_dir), examples, out_dir, seed=seed).setup().train()
     return recipe.save(out_dir / "model")
 
 
@@ -219,7 +221,6 @@ def train_preference(
     ]
     settings = _settings(
         sizes,
-        seed,
         loss_type=loss_type,
         learning_rate=sizes.pref_lr,
         lr_scheduler="constant",
@@ -227,7 +228,7 @@ def train_preference(
         num_epochs=sizes.pref_epochs,
         batch_size=sizes.pref_batch,
     )
-    return CPORecipe(settings, str(sft_dir), examples, out_dir).setup().train().model
+    return CPORecipe(settings, str(sft_dir), examples, out_dir, seed=seed).setup().train().model
 
 
 def evaluate(model, tokenizer, segments: list[synthetic.Segment], sizes: Sizes) -> dict[str, float]:
@@ -413,7 +414,7 @@ check fails then. `tests/test_learning_check.py` runs the main variant over 3 se
 
 ## The stages (all the project's own)
 
-1. SFT: `CPORecipe(loss_type="sft", lora=None)` on 40k distinct sentences with flawed references, 1000 steps x
+1. SFT: `CPORecipe(loss_type="sft", finetune="full")` on 40k distinct sentences with flawed references, 1000 steps x
    64, lr 2e-3 cosine.
 2. Candidates for 4000 other sources: `generate_translations`, samples at temperature 1, plus the reference.
 3. Scores: the oracle behind the scorer interface, through `score_items` with a `ScoreCache`.

@@ -2,8 +2,12 @@
 chat or completions.
 
 Bounded concurrency, retries with exponential backoff on 429/5xx and connection errors (honouring Retry-After),
-and a disk cache keyed by the request, so that a rerun or a crash never pays for the same request twice. The
-API key comes from an environment variable or a Prefect Secret block and never appears in logs or errors.
+and a disk cache keyed by the request, so that a rerun or a crash never pays for the same request twice.
+
+The API key is given, already resolved, by the caller (a stage or the judge CLI reads it from an environment
+variable or a secret store): this module knows nothing of where secrets live. It is sent only in the
+Authorization header, left out of EndpointConfig's repr and of the cache key, and never appears in logs or
+errors.
 """
 
 from __future__ import annotations
@@ -11,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import random
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -30,20 +33,13 @@ class EndpointConfig:
     base_url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
     model: str
     api: str = "chat"  # "chat" (/chat/completions) or "completions" (/completions)
-    api_key_env: str | None = "OPENAI_API_KEY"
-    api_key_secret: str | None = None  # name of a Prefect Secret block, used when set
     max_concurrency: int = 4
     max_retries: int = 6
     timeout_s: float = 120.0
     backoff_s: float = 1.0  # first retry delay; doubles each time, with jitter
-
-
-def api_key(cfg: EndpointConfig) -> str | None:
-    if cfg.api_key_secret:
-        from prefect.blocks.system import Secret
-
-        return Secret.load(cfg.api_key_secret).get()
-    return os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    # The bearer token, None for a server without one (a local `vllm serve`). Out of the repr, so that printing
+    # or logging the config never shows it, and out of comparisons.
+    api_key: str | None = field(default=None, repr=False, compare=False)
 
 
 class RequestCache:
@@ -132,8 +128,7 @@ async def _post(
 async def _complete_all(
     cfg: EndpointConfig, bodies: list[dict], cache: RequestCache, stats: dict
 ) -> list[str]:
-    key = api_key(cfg)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limit = asyncio.Semaphore(cfg.max_concurrency)
     results: list[str | None] = [None] * len(bodies)
     bar = tqdm(total=len(bodies), desc=f"{cfg.model} via {cfg.api}", unit="req", disable=None)

@@ -2,8 +2,8 @@
 
 vLLM pins its own torch and needs transformers>=5.16, which the main environment (transformers 4.57, held there
 by unbabel-comet) cannot hold: `make vllm-env` builds .venv-vllm, and each call here runs
-`models/generate/vllm_worker.py` once with that environment's python, for any number of decodings (jobs) of the same
-prompts, so the engine starts once.
+`models/generate/vllm_worker.py` once with that environment's python, for any number of decodings (jobs) of the
+same prompts, so the engine starts once.
 
 Both backends see the same tokens: prompts are tokenized here with the model's HF tokenizer exactly as
 `generation.generate_translations` does (ALMA's convention, no BOS), a prompt longer than `max_prompt_tokens`
@@ -28,8 +28,9 @@ from alma_r.models.prompts import postprocess
 
 WORKER = Path(__file__).resolve().with_name("vllm_worker.py")
 MAKE_TARGET = "make vllm-env"
-# The checkout's environment; ALMA_R_VLLM_PYTHON points elsewhere.
-DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+# The checkout's environment (this file is <repo>/models/generate/vllm_backend.py); ALMA_R_VLLM_PYTHON points
+# elsewhere.
+DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 # Variables that would make the vLLM python import the main environment's packages.
 _ENV_DROP = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
 
@@ -118,7 +119,7 @@ def run_worker(
         req_path.write_text(json.dumps(request), encoding="utf-8")
         log = Path(log_path) if log_path is not None else Path(tmp) / "worker.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [python, str(WORKER), "--request", str(req_path), "--output", str(out_path)]
+        cmd = [python, str(WORKER), str(req_path), str(out_path)]
         t0 = time.perf_counter()
         with open(log, "w", encoding="utf-8") as fh:
             try:

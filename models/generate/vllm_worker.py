@@ -3,9 +3,10 @@
 vLLM pins its own torch and needs transformers>=5.16, which the main environment cannot hold, so generation
 with vLLM happens in a separate process and environment (`make vllm-env` builds .venv-vllm):
 
-    .venv-vllm/bin/python models/generate/vllm_worker.py --request req.json --output out.jsonl
+    .venv-vllm/bin/python models/generate/vllm_worker.py request.json outputs.jsonl
 
-Only the standard library and vllm are imported here (alma_r is not installed in that environment).
+Only the standard library and vllm are imported here (alma_r is not installed in that environment). The worker
+is only ever started by vllm_backend.run_worker: its two arguments are the request file and the output file.
 
 The request (JSON):
     model                 local folder or hub id of the base model (its tokenizer is used for EOS and text)
@@ -33,7 +34,6 @@ with its own tokenizer, so that both backends turn the same tokens into the same
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -263,14 +263,12 @@ def run(req: dict, output: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--request", required=True, type=Path, help="the request JSON")
-    parser.add_argument(
-        "--output", required=True, type=Path, help="the JSON-lines output (written atomically)"
-    )
-    args = parser.parse_args(argv)
-    req = json.loads(args.request.read_text(encoding="utf-8"))
-    run(req, args.output)
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        _log("usage: vllm_worker.py REQUEST.json OUTPUT.jsonl")
+        return 2
+    req = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    run(req, Path(args[1]))
     return 0
 
 

@@ -2,12 +2,15 @@
 and scoring its shard. COMET's own multi-GPU gather fails with torch >= 2.6, and one process per device also
 returns every byte of GPU memory when it exits.
 
-    python -m alma_r.models.score.comet_workers --model M --input shard.jsonl --output scores.jsonl [--reference 0|1]
+    python -m alma_r.models.score.comet_workers request.json scores.jsonl
+
+The request (JSON): model, batch_size, reference (true, false or null: the model's own kind) and items (the
+shard's {"src", "mt", "ref"} dicts). The output: one {"score", "error_spans"} line per item, in order, written
+atomically. The worker is only ever started by ShardedCometScorer, so it reads a file, not a command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -45,28 +48,18 @@ class ShardedCometScorer:
             for k, shard in enumerate(shards):
                 if not shard:
                     continue
-                inp, out = Path(tmp) / f"in-{k}.jsonl", Path(tmp) / f"out-{k}.jsonl"
-                inp.write_text(
-                    "".join(json.dumps(items[i], ensure_ascii=False) + "\n" for i in shard), "utf-8"
-                )
+                request, out = Path(tmp) / f"request-{k}.json", Path(tmp) / f"out-{k}.jsonl"
+                shard_request = {
+                    "model": self.model_id,
+                    "batch_size": self.local.batch_size,
+                    "reference": self.local.reference,
+                    "items": [items[i] for i in shard],
+                }
+                request.write_text(json.dumps(shard_request, ensure_ascii=False), "utf-8")
                 env = dict(os.environ)
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(k % gpus)
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "alma_r.models.score.comet_workers",
-                    "--model",
-                    self.model_id,
-                    "--input",
-                    str(inp),
-                    "--output",
-                    str(out),
-                    "--batch-size",
-                    str(self.local.batch_size),
-                ]
-                if self.local.reference is not None:
-                    cmd += ["--reference", str(int(self.local.reference))]
+                cmd = [sys.executable, "-m", "alma_r.models.score.comet_workers", str(request), str(out)]
                 procs.append((shard, out, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)))
             results: list[CometResult | None] = [None] * len(items)
             for shard, out, proc in procs:
@@ -83,22 +76,18 @@ class ShardedCometScorer:
         return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def score_request(request_path: Path, output: Path) -> None:
+    """Score one shard: the request file's items with its model, one JSON line per item into `output`."""
+    request = json.loads(Path(request_path).read_text("utf-8"))
+    scorer = CometScorer(
+        request["model"],
+        batch_size=int(request.get("batch_size", 16)),
+        reference=request.get("reference"),
+        progress_bar=False,
     )
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--input", required=True, type=Path)
-    parser.add_argument("--output", required=True, type=Path)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--reference", type=int, choices=[0, 1], default=None)
-    args = parser.parse_args()
-    items = [json.loads(line) for line in args.input.read_text("utf-8").splitlines()]
-    reference = None if args.reference is None else bool(args.reference)
-    scorer = CometScorer(args.model, batch_size=args.batch_size, reference=reference, progress_bar=False)
-    results = scorer.score(items)
+    results = scorer.score(request["items"])
     write_text_atomic(
-        args.output,
+        Path(output),
         "".join(
             json.dumps({"score": r.score, "error_spans": r.error_spans}, ensure_ascii=False) + "\n"
             for r in results
@@ -106,5 +95,14 @@ def main() -> None:
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m alma_r.models.score.comet_workers REQUEST.json OUTPUT.jsonl", file=sys.stderr)
+        return 2
+    score_request(Path(args[0]), Path(args[1]))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,6 @@
-"""The ranking signal of sequence-level CPO (shared/seeds/003, section 4.3): negatives ranked by the cosine
-similarity of their sentence embedding to the ground truth's, for the Plackett-Luce loss (eq. 8).
+"""The ranking signal of sequence-level CPO ("Sequence-level Large Language Model Training with Contrastive Preference Optimization",
+anonymous ACL submission, section 4.3): negatives ranked by the cosine similarity of their sentence embedding to
+the ground truth's, for the Plackett-Luce loss (eq. 8).
 
 The embedding model is any local transformers encoder or decoder folder (AutoModel; mean of the last hidden
 states over the attention mask), e.g. a sentence-transformers checkpoint's transformer folder, or the policy's

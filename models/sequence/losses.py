@@ -1,4 +1,5 @@
-"""Sequence-level CPO losses (the ACL submission in shared/seeds/003): the ground truth must beat K-1 synthetic
+"""Sequence-level CPO losses ("Sequence-level Large Language Model Training with Contrastive Preference
+Optimization", anonymous ACL submission, section 4, eq. 7 and 8): the ground truth must beat K-1 synthetic
 negatives, each sequence scored by its log density ratio to a frozen reference model.
 
     s_j = beta * log( pi_theta(y_j|x) / pi_ref(y_j|x) )          j = 0..K-1, column 0 = the ground truth

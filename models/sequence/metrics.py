@@ -1,4 +1,5 @@
-"""The paper's generation-quality metrics (shared/seeds/003, section 4.4) under a larger scoring model P-hat.
+"""The generation-quality metrics of "Sequence-level Large Language Model Training with Contrastive Preference
+Optimization" (anonymous ACL submission, section 4.4, eq. 9 and 10) under a larger scoring model P-hat.
 
 Approximate reverse-KL (eq. 9), E_x KL(Q(.|x) || P-hat(.|x)). The paper writes it as a sum over the set Y of
 generated continuations, (1/|X|) sum_x sum_{y in Y} Q(y|x) log(Q(y|x) / P-hat(y|x)). We estimate the same
@@ -27,8 +28,8 @@ from collections import defaultdict
 import torch
 
 from alma_r.models.generate.hf_backend import _left_pad
+from alma_r.models.train.batching import collate
 from alma_r.models.train.logprobs import CompletionLogps
-from alma_r.models.train.recipe import collate
 
 
 @torch.no_grad()

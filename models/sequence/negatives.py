@@ -1,4 +1,6 @@
-"""Synthetic negatives for sequence-level CPO (shared/seeds/003, section 4.2), on token ids.
+"""Synthetic negatives for sequence-level CPO, on token ids ("Sequence-level Large Language Model Training with
+Contrastive Preference Optimization", anonymous ACL submission, section 4.2). How many of each kind an example
+gets is models/sequence/settings.py's NegativeMix.
 
 A completion is the list of token ids the model must produce after the prompt, EOS included (the trainer's
 `alma` convention: completion_text(text) + [eos]); its "content" is everything before that final EOS.
@@ -18,49 +20,14 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import CANDIDATES
-from alma_r.models.train.recipe import collate
-
-KINDS = ("bn", "mn", "tn", "an")
-
-
-@dataclass
-class NegativeMix:
-    """How many negatives of each kind every example gets; the paper's MixN is 3 BN + 5 MN + 3 TN = 11."""
-
-    batch: int = field(default=3, metadata={"help": "BN per example; needs batch size >= 2."})
-    meanfield: int = field(default=5, metadata={"help": "MN per example."})
-    truncation: int = field(default=3, metadata={"help": "TN per example."})
-    autoregressive: int = field(default=0, metadata={"help": "AN per example (needs candidates files)."})
-    meanfield_share: float = field(
-        default=0.25,
-        metadata={
-            "help": "c: the share of content positions an MN resamples, in (0, 1]; the paper does not state "
-            "its value. round-half-up(c * n), at least 1, positions change."
-        },
-    )
-
-    def __post_init__(self):
-        counts = {k: getattr(self, k) for k in ("batch", "meanfield", "truncation", "autoregressive")}
-        if any(v < 0 for v in counts.values()) or sum(counts.values()) == 0:
-            raise ValueError(f"negative counts must be >= 0 and not all 0, got {counts}")
-        if not 0 < self.meanfield_share <= 1:
-            raise ValueError(f"meanfield_share must be in (0, 1], got {self.meanfield_share}")
-
-    @property
-    def total(self) -> int:
-        return self.batch + self.meanfield + self.truncation + self.autoregressive
-
-    def kinds(self) -> list[str]:
-        """The kind of each negative column, in the order draw_negatives returns them."""
-        counts = (self.batch, self.meanfield, self.truncation, self.autoregressive)
-        return [kind for kind, n in zip(KINDS, counts, strict=True) for _ in range(n)]
+from alma_r.models.sequence.settings import NegativeMix
+from alma_r.models.train.batching import collate
 
 
 def _content(completion: list[int], eos_id: int) -> list[int]:

@@ -1,4 +1,7 @@
-"""The sequence-level CPO recipe (shared/seeds/003): the ground truth against K-1 synthetic negatives.
+"""The sequence-level CPO recipe: the ground truth against K-1 synthetic negatives ("Sequence-level Large Language
+Model Training with Contrastive Preference Optimization", anonymous ACL submission, section 4, eq. 7 and 8;
+negatives of section 4.2, ranking of section 4.3). Its settings are models/sequence/settings.py's
+SequenceCPOSettings.
 
 `SequenceCPORecipe(...).setup()` loads the policy, tokenises the examples, then draws every optimizer step's
 negatives and scores them with the frozen starting model, then builds the optimizer; `train()` runs the steps;
@@ -20,68 +23,20 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from alma_r.data.io import write_json_atomic
+from alma_r.data.io import save_dir_atomic, write_json_atomic
 from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.sequence.losses import best_of_k_loss, plackett_luce_loss
-from alma_r.models.sequence.negatives import KINDS, NegativeMix, draw_negatives
+from alma_r.models.sequence.negatives import draw_negatives
+from alma_r.models.sequence.settings import KINDS, SequenceCPOSettings
+from alma_r.models.train.batching import collate, tokenize_pair
 from alma_r.models.train.logprobs import CompletionLogps
-from alma_r.models.train.recipe import _scheduler, collate, save_dir_atomic, tokenize_pair
-
-
-@dataclass
-class SequenceCPOSettings:
-    """Defaults are the paper's (section 5, training details) unless said otherwise."""
-
-    beta: float = field(default=5.0, metadata={"help": "beta of eq. 7/8; the paper uses 5."})
-    ranking: bool = field(
-        default=False, metadata={"help": "Plackett-Luce (eq. 8) instead of best-of-K (eq. 7)."}
-    )
-    embedding_model: str | None = field(
-        default=None, metadata={"help": "ranking: local embedding model folder; default the starting model."}
-    )
-    negatives: NegativeMix = field(default_factory=NegativeMix)
-    learning_rate: float = field(default=1e-5, metadata={"help": "the paper's 1e-5 (AdamW)."})
-    weight_decay: float = field(default=0.05, metadata={"help": "the paper's 0.05."})
-    lr_scheduler: str = "constant"
-    warmup_ratio: float = 0.0
-    batch_size: int = field(default=64, metadata={"help": "examples per optimizer step (the paper's 64)."})
-    micro_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "examples per forward pass (gradient accumulation); None = batch_size."},
-    )
-    max_steps: int = field(default=1000, metadata={"help": "optimizer steps (the paper: 1000 after MLE)."})
-    max_grad_norm: float = 1.0
-    max_prompt_length: int = 256
-    max_length: int = 512
-    logging_steps: int = 10
-    logits_chunk_size: int = 1024
-    seed: int = 42
-    dtype: str = "float32"
-    trust_remote_code: bool = False
-
-    def __post_init__(self):
-        if isinstance(self.negatives, dict):
-            self.negatives = NegativeMix(**self.negatives)
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if self.negatives.batch and self.batch_size < 2:
-            raise ValueError(
-                f"batch negatives ({self.negatives.batch}) need batch_size >= 2, got {self.batch_size}"
-            )
-        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
-            raise ValueError(
-                f"micro_batch_size {self.micro_batch_size} must be in 1..batch_size {self.batch_size}"
-            )
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
-            )
+from alma_r.models.train.schedules import build_scheduler
 
 
 @dataclass
@@ -102,15 +57,21 @@ class SequenceCPORecipe:
         examples: list[dict],
         out_dir: Path,
         autoregressive_samples: dict[str, list[str]] | None = None,
+        *,
+        seed: int,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
     ):
-        """examples: {"id", "prompt", "target"}; autoregressive_samples: id -> sampled texts (AN)."""
+        """examples: {"id", "prompt", "target"}; autoregressive_samples: id -> sampled texts (AN). `seed` (the
+        run's), `dtype` and `trust_remote_code` (the model's) are not training settings, as for CPORecipe."""
         if not examples:
             raise ValueError("no examples to train on")
         if settings.negatives.autoregressive and autoregressive_samples is None:
             raise ValueError(
-                "autoregressive negatives need the samples (models/negatives.read_autoregressive_samples)"
+                "autoregressive negatives need the samples (models/sequence/negatives.read_autoregressive_samples)"
             )
         self.s = settings
+        self.seed, self.dtype, self.trust_remote_code = seed, dtype, trust_remote_code
         self.model_path = model_path
         self.raw_examples = examples
         self.samples = autoregressive_samples
@@ -122,7 +83,7 @@ class SequenceCPORecipe:
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> SequenceCPORecipe:
-        torch.manual_seed(self.s.seed)
+        torch.manual_seed(self.seed)
         self._setup_model()
         self._setup_data()  # needs the tokenizer
         self._setup_steps()  # needs the data; must run before any update: the policy is the reference here
@@ -131,11 +92,11 @@ class SequenceCPORecipe:
 
     def _setup_model(self):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = load_tokenizer(self.model_path, self.s.trust_remote_code)
+        self.tokenizer = load_tokenizer(self.model_path, self.trust_remote_code)
         self.model = load_model(
             self.model_path,
-            dtype=self.s.dtype,
-            trust_remote_code=self.s.trust_remote_code,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
             device=self.device,
         )
         self.logps_module = CompletionLogps(self.model, self.s.logits_chunk_size)
@@ -168,7 +129,7 @@ class SequenceCPORecipe:
         for position in range(step * bs, (step + 1) * bs):
             epoch, offset = divmod(position, n)
             if offset == 0 or not out:
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(self.s.seed + epoch))
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
             out.append(int(order[offset]))
         return out
 
@@ -182,7 +143,7 @@ class SequenceCPORecipe:
             from alma_r.models.sequence.embedding_rank import EmbeddingRanker
 
             ranker = EmbeddingRanker(
-                self.s.embedding_model or self.model_path, self.s.trust_remote_code, device=self.device
+                self.s.embedding_model or self.model_path, self.trust_remote_code, device=self.device
             )
         self.batches = []
         for step in tqdm(range(self.s.max_steps), desc="negatives + reference", unit="step", disable=None):
@@ -192,7 +153,7 @@ class SequenceCPORecipe:
                 self.s.negatives,
                 [r["prompt_ids"] for r in rows],
                 [r["ids"] for r in rows],
-                seed=self.s.seed * 1_000_003 + step,
+                seed=self.seed * 1_000_003 + step,
                 eos_id=self.tokenizer.eos_token_id,
                 pad_id=self.tokenizer.pad_token_id,
                 model=self.model,
@@ -224,7 +185,7 @@ class SequenceCPORecipe:
             lr=self.s.learning_rate,
         )
         warmup = math.ceil(self.s.warmup_ratio * self.s.max_steps)
-        self.scheduler = _scheduler(self.s.lr_scheduler, self.optimizer, warmup, self.s.max_steps)
+        self.scheduler = build_scheduler(self.s.lr_scheduler, self.optimizer, warmup, self.s.max_steps)
         self.params = params
 
     # ---------------------------------------------------------------------------------------------- training
@@ -323,5 +284,6 @@ class SequenceCPORecipe:
             "negative_kinds": self.kinds,
             "reference_forward_passes": self.reference_forward_passes,
             "reference_seconds": self.reference_seconds,
-            "settings": asdict(self.s),
+            "settings": self.s.model_dump(mode="json")
+            | {"seed": self.seed, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code},
         }

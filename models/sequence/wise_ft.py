@@ -1,4 +1,6 @@
-"""WiSE-FT weight-space ensembles (Wortsman et al. 2022; shared/seeds/003, section 5):
+"""WiSE-FT weight-space ensembles ("Robust fine-tuning of zero-shot models", Wortsman et al., CVPR 2022), as
+"Sequence-level Large Language Model Training with Contrastive Preference Optimization" (anonymous ACL submission,
+section 5, "Weight-space ensemble") uses them:
 
     theta(alpha) = alpha * theta_MLE + (1 - alpha) * theta_CPO        one model folder per alpha of a grid
 
@@ -11,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from alma_r.data.io import save_dir_atomic
 from alma_r.models.loading import load_model, load_tokenizer
-from alma_r.models.train.recipe import save_dir_atomic
 
 
 def interpolate(

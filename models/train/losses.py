@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "dpo", "sft")
+from alma_r.models.train.settings import LOSS_TYPES
 
 
 @dataclass

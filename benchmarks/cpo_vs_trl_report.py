@@ -1,0 +1,100 @@
+"""The report of benchmarks/cpo_vs_trl.py: each engine's repeats summarised, then one markdown table comparing
+this repo's CPO engine with TRL's CPOTrainer (throughput, memory, per-step losses).
+
+Imported by cpo_vs_trl.py, which runs from this folder (`.venv/bin/python benchmarks/cpo_vs_trl.py`).
+"""
+
+from __future__ import annotations
+
+QUIET = 0.1  # a step is "quiet" when other processes took under this many CPU s/s while it ran
+
+
+def summarise(runs: list[dict], batch_size: int) -> dict:
+    """One engine over its repeats. Steps 2..N of every run train on the same pairs, so each step's fastest
+    time over the repeats is its least disturbed one; pairs/s = pairs of steps 2..N / the sum of those times.
+    Memory is the largest over the repeats (it barely varies); the losses are the same in every run."""
+    n = min(len(r["step_seconds"]) for r in runs)
+    best = [min(range(len(runs)), key=lambda i, k=k: runs[i]["step_seconds"][k]) for k in range(n)]
+    seconds = [runs[i]["step_seconds"][k] for k, i in enumerate(best)]
+    quiet = sum(runs[i]["step_other_cpu"][k] < QUIET for k, i in enumerate(best))
+    first = runs[0]
+    return {
+        **first,
+        "pairs_per_second": n * batch_size / sum(seconds),
+        "quiet_steps": quiet,
+        "timed_steps": n,
+        "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+        "train_peak_rss_gb": max(r["train_peak_rss_gb"] or 0 for r in runs) or None,
+        "rss_before_train_gb": max(r["rss_before_train_gb"] for r in runs),
+        "peak_cuda_gb": max(r["peak_cuda_gb"] for r in runs) if first["peak_cuda_gb"] is not None else None,
+        "mfu": max(r["mfu"] for r in runs) if "mfu" in first else None,
+        "train_seconds": min(r["train_seconds"] for r in runs),
+    }
+
+
+def report(args, size: dict, ours_runs: list[dict], trl_runs: list[dict], meta: dict, n_pairs: int) -> str:
+    """The markdown report: setup, one table row per engine, the ratios against the targets, per-step losses.
+    `size` is the model's LLaMA shape (SIZES[args.model_size] of cpo_vs_trl.py)."""
+    ours, trl = summarise(ours_runs, args.batch_size), summarise(trl_runs, args.batch_size)
+    cuda = args.device == "cuda"
+    lines = [
+        f"model: LLaMA {meta['params'] / 1e6:.1f}M parameters (hidden {size['hidden_size']}, "
+        f"{size['num_hidden_layers']} layers, {size['num_attention_heads']} heads, intermediate "
+        f"{size['intermediate_size']}, vocab {meta['vocab']}, untied); LoRA r=16 alpha=32 on "
+        f"{args.lora_targets}: {ours['trainable']:,} trainable",
+        f"data: {n_pairs} WMT'22 pairs (de-en, en-de), chosen = ALMA-13B-R, rejected = reference; "
+        f"{args.steps} steps x {args.batch_size} pairs, {args.repeats} run(s) per engine; device {args.device} "
+        f"({ours['device']}), {args.dtype}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+        f"torch threads {ours['torch_threads']}",
+        f"LoRA A init checksum: ours {ours['lora_a_checksum']:.6f}, TRL {trl['lora_a_checksum']:.6f} "
+        f"({'identical start' if abs(ours['lora_a_checksum'] - trl['lora_a_checksum']) < 1e-6 else 'different'})",
+        "",
+        "| engine | pairs/s | peak RSS GB | final loss | first-step loss | RSS before train() GB "
+        "| train() peak RSS GB | tokens/step real / padded | quiet steps |"
+        + (" peak CUDA GB | MFU |" if cuda else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
+    ]
+    for name, r in (("ours (CPORecipe)", ours), ("TRL CPOTrainer", trl)):
+        tp = r["train_peak_rss_gb"]
+        row = (
+            f"| {name} | {r['pairs_per_second']:.2f} | {r['peak_rss_gb']:.2f} | {r['losses'][-1]:.4f} "
+            f"| {r['losses'][0]:.4f} | {r['rss_before_train_gb']:.2f} | {'n/a' if tp is None else f'{tp:.2f}'} "
+            f"| {r['real_tokens_per_step']:.0f} / {r['padded_tokens_per_step']:.0f} "
+            f"| {r['quiet_steps']}/{r['timed_steps']} |"
+        )
+        if cuda:
+            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            row += f" {r['peak_cuda_gb']:.2f} | {mfu} |"
+        lines.append(row)
+    speed = ours["pairs_per_second"] / trl["pairs_per_second"]
+    mem = ours["peak_rss_gb"] / trl["peak_rss_gb"]
+    extra = []
+    if ours["train_peak_rss_gb"] and trl["train_peak_rss_gb"]:
+        extra.append(f"train() peak RSS x{ours['train_peak_rss_gb'] / trl['train_peak_rss_gb']:.2f}")
+    if cuda:
+        extra.append(f"peak CUDA x{ours['peak_cuda_gb'] / trl['peak_cuda_gb']:.2f}")
+    lines += [
+        "",
+        f"ours/TRL: pairs/s x{speed:.2f} (target >= 1.5: {'met' if speed >= 1.5 else 'NOT met'}), "
+        f"peak RSS x{mem:.2f} (target <= 0.7: {'met' if mem <= 0.7 else 'NOT met'})"
+        + "".join(f", {e}" for e in extra),
+        "per run (whole-run pairs/s over steps 2..N, CPU s/s of other processes meanwhile, train() seconds): "
+        + "; ".join(
+            f"{name} {r['pairs_per_second']:.2f} / {r['other_cpu']:.2f} / {r['train_seconds']:.1f}s"
+            for name, rs in (("ours", ours_runs), ("TRL", trl_runs))
+            for r in rs
+        ),
+        "",
+        "| step | ours loss | TRL loss | difference |",
+        "|---:|---:|---:|---:|",
+    ]
+    for k, (a, b) in enumerate(zip(ours["losses"], trl["losses"], strict=False), start=1):
+        lines.append(f"| {k} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
+    disturbed = [f"{n}: {r['quiet_steps']}/{r['timed_steps']}" for n, r in (("ours", ours), ("TRL", trl))
+                 if r["quiet_steps"] < r["timed_steps"]]  # fmt: skip
+    if disturbed and not cuda:
+        lines.append(
+            f"\nWARNING: other processes used the CPU during some of the fastest steps (quiet steps {', '.join(disturbed)}): "
+            "the timings are disturbed; rerun on a quiet machine or with more --repeats."
+        )
+    return "\n".join(lines)

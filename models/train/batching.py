@@ -1,0 +1,163 @@
+"""Token ids and decoder batches of preference pairs, shared by the CPO recipe and the sequence-level trainer.
+
+`tokenize_pairs` turns (prompt, chosen, rejected) texts into token ids under ALMA-R's or TRL's convention and
+skips, never cuts, a pair over the length limits; `collate` lays a micro-batch out for one decoder pass, either as
+2B plain rows or as B packed rows that encode each prompt once for both completions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alma_r.models.prompts import completion_text
+from alma_r.models.train.logprobs import PackedBatch
+
+# ------------------------------------------------------------------------------------------- tokenisation
+
+
+def _trl_answer(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """TRL's build_tokenized_answer: tokenise prompt+answer jointly, split where the prompt ends (one token
+    earlier when the tokenizer merged across the boundary)."""
+    full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    start = len(prompt_ids)
+    if prompt_ids != full[:start]:
+        start -= 1
+    return full[:start], full[start:]
+
+
+def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, convention: str = "alma") -> dict:
+    """Token ids of one pair: {chosen,rejected}_prompt_ids and {chosen,rejected}_ids (EOS included).
+
+    alma: prompt and completion tokenised separately, no BOS, EOS appended (ALMA-R's released trainer).
+    trl:  prompt+completion tokenised jointly, BOS prepended and EOS appended when missing (TRL's CPOTrainer).
+    """
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if convention == "alma":
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion_text(chosen), add_special_tokens=False)["input_ids"] + [eos]
+        r = tokenizer(completion_text(rejected), add_special_tokens=False)["input_ids"] + [eos]
+        return {"chosen_prompt_ids": p, "chosen_ids": c, "rejected_prompt_ids": p, "rejected_ids": r}
+    out = {}
+    for side, answer in (("chosen", chosen), ("rejected", rejected)):
+        p, a = _trl_answer(tokenizer, prompt, completion_text(answer))
+        if bos is not None and (not p or p[0] != bos):
+            p = [bos, *p]
+        if not a or a[-1] != eos:
+            a = [*a, eos]
+        out[f"{side}_prompt_ids"], out[f"{side}_ids"] = p, a
+    return out
+
+
+def tokenize_pairs(
+    tokenizer, pairs: list[dict], max_prompt_length: int, max_length: int, convention: str = "alma"
+) -> tuple[list[dict], dict[str, int]]:
+    """Tokenise pairs; one whose prompt or total length exceeds the limits is skipped and counted, never cut."""
+    kept, skipped = [], {"prompt_too_long": 0, "too_long": 0}
+    for pair in pairs:
+        ex = tokenize_pair(tokenizer, pair["prompt"], pair["chosen"], pair["rejected"], convention)
+        if max(len(ex["chosen_prompt_ids"]), len(ex["rejected_prompt_ids"])) > max_prompt_length:
+            skipped["prompt_too_long"] += 1
+            continue
+        if max(len(ex[f"{s}_prompt_ids"]) + len(ex[f"{s}_ids"]) for s in ("chosen", "rejected")) > max_length:
+            skipped["too_long"] += 1
+            continue
+        kept.append(ex)
+    return kept, skipped
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+def _mask_value(dtype: torch.dtype, attn_implementation: str):
+    """SDPA takes a boolean mask (True = attend); eager attention adds a float mask to the scores."""
+    if attn_implementation == "eager":
+        return torch.finfo(dtype).min
+    return None
+
+
+def collate(
+    examples: list[dict],
+    pad_id: int,
+    with_rejected: bool = True,
+    shared_prompt: bool = False,
+    mask_dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> PackedBatch:
+    """Lay a micro-batch out for one decoder pass. Sequences 0..B-1 are the chosen sides, B..2B-1 the rejected.
+
+    Plain layout: 2B right-padded rows (prompt + completion), a 2D mask. Shared-prompt layout (when every pair's
+    two prompts are identical): B rows of prompt + chosen + rejected, where rejected tokens see the prompt and
+    themselves but not the chosen tokens, and continue the prompt's positions: the prompt is encoded once.
+    """
+    B = len(examples)
+    shared = (
+        with_rejected
+        and shared_prompt
+        and all(e["chosen_prompt_ids"] == e["rejected_prompt_ids"] for e in examples)
+    )
+    if shared:
+        rows_tokens = [e["chosen_prompt_ids"] + e["chosen_ids"] + e["rejected_ids"] for e in examples]
+    else:
+        rows_tokens = [e["chosen_prompt_ids"] + e["chosen_ids"] for e in examples]
+        if with_rejected:
+            rows_tokens += [e["rejected_prompt_ids"] + e["rejected_ids"] for e in examples]
+    R, T = len(rows_tokens), max(len(t) for t in rows_tokens)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, T), dtype=torch.long)
+    rows, positions, targets, seq = [], [], [], []
+
+    def completion(row: int, first_pos: int, predict_from: int, ids: list[int], seq_id: int):
+        # Token ids[0] is predicted by the hidden state at `predict_from`, each later one by its left neighbour.
+        for k, tok in enumerate(ids):
+            rows.append(row)
+            positions.append(predict_from if k == 0 else first_pos + k - 1)
+            targets.append(tok)
+            seq.append(seq_id)
+
+    if shared:
+        allowed = torch.zeros((R, T, T), dtype=torch.bool)
+        causal = torch.ones((T, T), dtype=torch.bool).tril()
+        for row, e in enumerate(examples):
+            P, C, Rj = len(e["chosen_prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
+            n = P + C + Rj
+            input_ids[row, :n] = torch.tensor(rows_tokens[row])
+            position_ids[row, :n] = torch.cat([torch.arange(P + C), torch.arange(P, P + Rj)])
+            allowed[row, :n, :n] = causal[:n, :n]
+            allowed[row, P + C : n, P : P + C] = False  # rejected tokens never see the chosen ones
+            completion(row, P, P - 1, e["chosen_ids"], row)
+            completion(row, P + C, P - 1, e["rejected_ids"], B + row)
+        # Padding query rows attend to themselves only, so that no softmax row is empty.
+        idx = torch.arange(T)
+        allowed[:, idx, idx] = True
+        mask_value = _mask_value(mask_dtype, attn_implementation)
+        if mask_value is None:
+            attention_mask = allowed.unsqueeze(1)
+        else:
+            attention_mask = torch.zeros((R, 1, T, T), dtype=mask_dtype).masked_fill(
+                ~allowed.unsqueeze(1), mask_value
+            )
+    else:
+        attention_mask = torch.zeros((R, T), dtype=torch.long)
+        sides = [("chosen", row) for row in range(B)] + (
+            [("rejected", row) for row in range(B)] if with_rejected else []
+        )
+        for row, (side, i) in enumerate(sides):
+            e = examples[i]
+            P, ids = len(e[f"{side}_prompt_ids"]), e[f"{side}_ids"]
+            n = P + len(ids)
+            input_ids[row, :n] = torch.tensor(rows_tokens[row])
+            attention_mask[row, :n] = 1
+            position_ids[row, :n] = torch.arange(n)
+            completion(row, P, P - 1, ids, row)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return PackedBatch(
+        input_ids,
+        attention_mask,
+        position_ids,
+        as_long(rows),
+        as_long(positions),
+        as_long(targets),
+        as_long(seq),
+        2 * B if with_rejected else B,
+    )

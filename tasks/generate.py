@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from dataclasses import fields
 from pathlib import Path
 
 from alma_r.config import DecodingConfig, RunConfig, config_base_dir, resolve_path
-from alma_r.data.io import read_rows, write_table
+from alma_r.data.io import read_rows
 from alma_r.data.readers import IngestError, read_lines
-from alma_r.data.schemas import CANDIDATES, SEGMENTS
+from alma_r.data.schemas import SEGMENTS
 from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer, model_identity, pick_device
 from alma_r.models.prompts import load_shots, make_prompt
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.shared.candidates import write_candidates
 
 
 def preference_sources(segments: list[dict], max_per_lp: int | None) -> list[dict]:
@@ -84,6 +86,21 @@ def file_translations(
     return [text[r["id"]] for r in sources]
 
 
+# The config fields a policy-model decoding takes: Decoding's fields are DecodingConfig's, by name.
+DECODING_FIELDS = frozenset(f.name for f in fields(Decoding))
+
+
+def system_decoding(system: DecodingConfig) -> Decoding:
+    return Decoding(**system.model_dump(include=DECODING_FIELDS))
+
+
+def generation_settings(system: DecodingConfig, seed: int) -> str:
+    """The CANDIDATES `generation` column: JSON of the system's decoding settings, backend, samples and shots,
+    and the run's seed."""
+    settings = system.model_dump(include={*DECODING_FIELDS, "backend", "n", "shots"})
+    return json.dumps({**settings, "seed": seed}, sort_keys=True)
+
+
 class PolicyModel:
     """The policy loaded once, on first use, for every transformers system of the stage."""
 
@@ -114,14 +131,7 @@ def translate(
     policy: PolicyModel,
 ) -> tuple[list[list[str | None]], dict]:
     """n translations per prompt (None where the prompt is over the limit) and the backend's identity."""
-    decoding = Decoding(
-        num_beams=system.num_beams,
-        do_sample=system.do_sample,
-        temperature=system.temperature,
-        top_p=system.top_p,
-        top_k=system.top_k,
-        max_new_tokens=system.max_new_tokens,
-    )
+    decoding = system_decoding(system)
     seed = cfg.run.seed
     if system.backend == "file":
         return [[t] for t in file_translations(cfg, system, sources, all_segments)], {
@@ -196,21 +206,7 @@ def run_generate(
     for system in cfg.generate.systems:
         prompts = system_prompts(cfg, system, sources)
         outs, identity = translate(cfg, system, prompts, sources, all_segments, policy)
-        settings = json.dumps(
-            {
-                "backend": system.backend,
-                "num_beams": system.num_beams,
-                "do_sample": system.do_sample,
-                "temperature": system.temperature,
-                "top_p": system.top_p,
-                "top_k": system.top_k,
-                "max_new_tokens": system.max_new_tokens,
-                "n": system.n,
-                "shots": system.shots,
-                "seed": cfg.run.seed,
-            },
-            sort_keys=True,
-        )
+        settings = generation_settings(system, cfg.run.seed)
         for k, name in enumerate(system.system_names()):
             rows = [
                 {
@@ -224,11 +220,9 @@ def run_generate(
                 for r, o in zip(sources, outs, strict=True)
                 if o is not None
             ]
-            outputs[f"candidates/{name}"] = write_table(
-                rows, out_dir / "candidates" / f"{name}.parquet", CANDIDATES
-            )
-            counts[f"{name}/generated"] = len(rows)
-            counts[f"{name}/skipped_prompt_too_long"] = len(sources) - len(rows)
+            written, made = write_candidates(name, rows, len(sources), out_dir)
+            outputs.update(written)
+            counts.update(made)
     return outputs, counts
 
 

@@ -16,6 +16,7 @@ from alma_r.data.schemas import CANDIDATES, REFERENCE, SCORES, SEGMENTS
 from alma_r.models.score.cache import ScoreCache
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.shared.candidates import candidate_paths
 from alma_r.tasks.shared.scoring import ScoringError, cache_path_for, make_scorer, score_items
 
 
@@ -86,10 +87,6 @@ def run_score(
 def score_key(cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult) -> StageKey:
     key = stage_key("score", cfg.section_hash("score"), [segments, candidates], module=__name__)
     return StageKey("score", Path(run_dir) / "score", key)
-
-
-def candidate_paths(candidates: StageResult) -> list[Path]:
-    return [Path(v) for k, v in sorted(candidates.outputs.items()) if k.startswith("candidates/")]
 
 
 def score_stage(cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult) -> StageResult:

@@ -20,6 +20,7 @@ from alma_r.data.schemas import CANDIDATES, DROPPED, PAIRS, REFERENCE, SCORES, S
 from alma_r.models.prompts import make_prompt
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.shared.candidates import candidate_paths
 
 NOISE = "noise"
 
@@ -221,7 +222,7 @@ def select_stage(
     cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult, scores: StageResult
 ) -> StageResult:
     """Build (prompt, chosen, rejected) triplets from the scores."""
-    cand = [Path(v) for k, v in sorted(candidates.outputs.items()) if k.startswith("candidates/")]
+    cand = candidate_paths(candidates)
     scored = [Path(v) for k, v in sorted(scores.outputs.items()) if k.startswith("scores/")]
     return run_stage(
         select_key(cfg, run_dir, segments, candidates, scores),

@@ -17,6 +17,7 @@ from alma_r.models.train.recipe import CPORecipe
 from alma_r.models.train.settings import TrainSettings
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.shared.training import run_wide_settings, skipped_counts
 
 # The warm-up's settings that the sft section does not expose: NLL on the reference, every weight trained.
 SFT_FIXED = {
@@ -48,24 +49,16 @@ def run_sft(cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path)
         for r in rows
     ]
     recipe = CPORecipe(
-        sft_settings(cfg.sft),
-        base_model,
-        pairs,
-        out_dir,
-        adapter=cfg.model.adapter,
-        seed=cfg.run.seed,
-        dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code,
+        sft_settings(cfg.sft), base_model, pairs, out_dir, adapter=cfg.model.adapter, **run_wide_settings(cfg)
     )
-    recipe.setup().train()
-    model_dir = recipe.save(out_dir / "model")
+    model_dir = recipe.setup().train().save(out_dir / "model")
     plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", "SFT warm-up")
     summary = recipe.summary()
     return {"model": model_dir, "metrics": out_dir / "metrics.jsonl"}, {
         "pairs": summary["pairs"],
         "pairs_used": summary["pairs_used"],
         "steps": summary["steps"],
-        **{f"skipped_{k}": v for k, v in summary["skipped"].items()},
+        **skipped_counts(summary),
     }
 
 

@@ -11,6 +11,7 @@ from alma_r.models.train.metrics import plot_curves, read_metrics
 from alma_r.models.train.recipe import CPORecipe
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.shared.training import run_wide_settings, skipped_counts
 
 
 def run_train(
@@ -19,16 +20,7 @@ def run_train(
     pairs = read_rows(pairs_path, PAIRS)
     # cfg.train is the recipe's TrainSettings. Continuing an adapter (ALMA-R continues ALMA-13B-Pretrain-LoRA)
     # trains that adapter; else a new LoRA, or every weight with finetune: full.
-    recipe = CPORecipe(
-        cfg.train,
-        model_path,
-        pairs,
-        out_dir,
-        adapter=adapter,
-        seed=cfg.run.seed,
-        dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    recipe = CPORecipe(cfg.train, model_path, pairs, out_dir, adapter=adapter, **run_wide_settings(cfg))
     recipe.setup().train()
     # A LoRA run yields an adapter for the policy's base model; a full fine-tune yields a whole model.
     kind = "adapter" if recipe.is_peft else "model"
@@ -47,7 +39,7 @@ def run_train(
         "pairs_used": summary["pairs_used"],
         "steps": summary["steps"],
         "resumed_from": summary["resumed_from"],
-        **{f"skipped_{k}": v for k, v in summary["skipped"].items()},
+        **skipped_counts(summary),
     }
 
 

@@ -48,6 +48,16 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="module")
+def torch_on_one_thread():
+    """Torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures("torch_on_one_thread")`):
+    on a machine whose cores are busy, more make the small models many times slower."""
+    from alma_r.experiments.learning_check import one_torch_thread
+
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def sample_texts() -> list[str]:
     de = (SAMPLE_DIR / "human_written/deen/train.de-en.de").read_text(encoding="utf-8").splitlines()[:300]
@@ -77,6 +87,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """Stops a server started with start_new_session=True and every process it started: SIGTERM to its process
+    group, SIGKILL if it is still running after grace_s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
@@ -128,9 +148,5 @@ def vllm_server(tiny_model_dir, tmp_path_factory) -> int:
     else:
         pytest.fail("vllm serve did not come up in 300 s")
     yield port
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_process_group(proc, grace_s=30)
     log.close()

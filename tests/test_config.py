@@ -54,6 +54,22 @@ def config_error(*args, **kwargs) -> str:
     return str(exc.value)
 
 
+# A well-formed alma_json ingest source: the tests of sources each break one field of it.
+ALMA_JSON_SOURCE = {
+    "name": "x",
+    "kind": "alma_json",
+    "pair": "de-en",
+    "path": "a.json",
+    "directions": ["de-en"],
+}
+
+
+def one_source_config(path: Path, source: dict) -> Path:
+    """Writes a config file whose only section is `ingest` with this one source."""
+    path.write_text(yaml.safe_dump({"ingest": {"sources": [source]}}))
+    return path
+
+
 # --------------------------------------------------------------------------------------- shipped configs
 
 
@@ -141,16 +157,17 @@ def test_unknown_top_level_key(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("override", "full_key", "nearest"),
+    ("override", "nearest"),
     [
-        ("train.bta=1", "train.bta", "beta"),
-        ("train.lora.rr=4", "train.lora.rr", "r"),
-        ("model.tiny.hidden_sise=128", "model.tiny.hidden_sise", "hidden_size"),
-        ("evaluate.num_beam=2", "evaluate.num_beam", "num_beams"),
-        ("bogus=1", "bogus", None),
+        ("train.bta=1", "beta"),
+        ("train.lora.rr=4", "r"),
+        ("model.tiny.hidden_sise=128", "hidden_size"),
+        ("evaluate.num_beam=2", "num_beams"),
+        ("bogus=1", None),
     ],
 )
-def test_misspelt_key_names_the_full_key_and_the_nearest(override, full_key, nearest):
+def test_misspelt_key_names_the_full_key_and_the_nearest(override, nearest):
+    full_key = override.partition("=")[0]  # the whole dotted key, not only its last part
     msg = config_error(TINY, [override])
     assert msg.startswith(f"{TINY}: ")
     assert f"unknown key '{full_key}'" in msg
@@ -159,25 +176,9 @@ def test_misspelt_key_names_the_full_key_and_the_nearest(override, full_key, nea
 
 
 def test_misspelt_key_inside_a_list_of_sections(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "ingest": {
-                    "sources": [
-                        {
-                            "name": "x",
-                            "kind": "alma_json",
-                            "pair": "de-en",
-                            "pth": "a.json",
-                            "directions": ["de-en"],
-                        }
-                    ]
-                }
-            }
-        )
-    )
-    msg = config_error(path)
+    misspelt = dict(ALMA_JSON_SOURCE)
+    misspelt["pth"] = misspelt.pop("path")
+    msg = config_error(one_source_config(tmp_path / "c.yaml", misspelt))
     assert "unknown key 'ingest.sources.0.pth'" in msg and "did you mean 'path'" in msg
 
 
@@ -236,17 +237,18 @@ def test_set_through_a_scalar_is_refused():
 
 
 @pytest.mark.parametrize(
-    ("override", "key", "shown"),
+    ("override", "shown"),
     [
-        ("train.beta=-1", "train.beta", "-1"),
-        ("train.beta=abc", "train.beta", "'abc'"),
-        ("train.lora.r=0", "train.lora.r", "0"),
-        ("train.loss_type=kto", "train.loss_type", "'kto'"),
-        ("score.metrics=[chrf, comet]", "score.metrics", "['chrf', 'comet']"),
-        ("model.dtype=fp8", "model.dtype", "'fp8'"),
+        ("train.beta=-1", "-1"),
+        ("train.beta=abc", "'abc'"),
+        ("train.lora.r=0", "0"),
+        ("train.loss_type=kto", "'kto'"),
+        ("score.metrics=[chrf, comet]", "['chrf', 'comet']"),
+        ("model.dtype=fp8", "'fp8'"),
     ],
 )
-def test_bad_value_names_key_and_value(override, key, shown):
+def test_bad_value_names_key_and_value(override, shown):
+    key = override.partition("=")[0]  # the message names the full dotted key that was set
     msg = config_error(TINY, [override])
     assert msg.startswith(f"{TINY}: ")
     assert f"'{key}'" in msg
@@ -284,36 +286,12 @@ def test_selection_metrics_must_be_scored():
 
 
 def test_source_needs_its_kind_fields_and_known_languages(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "ingest": {
-                    "sources": [{"name": "x", "kind": "alma_json", "pair": "de-en", "directions": ["de-en"]}]
-                }
-            }
-        )
-    )
-    msg = config_error(path)
+    without_path = dict(ALMA_JSON_SOURCE)
+    del without_path["path"]
+    msg = config_error(one_source_config(tmp_path / "c.yaml", without_path))
     assert "ingest.sources.0" in msg and "'path'" in msg
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "ingest": {
-                    "sources": [
-                        {
-                            "name": "x",
-                            "kind": "alma_json",
-                            "pair": "de-xx",
-                            "path": "a.json",
-                            "directions": ["de-xx"],
-                        }
-                    ]
-                }
-            }
-        )
-    )
-    msg = config_error(path)
+    unknown_language = ALMA_JSON_SOURCE | {"pair": "de-xx", "directions": ["de-xx"]}
+    msg = config_error(one_source_config(tmp_path / "c.yaml", unknown_language))
     assert "ingest.sources.0.pair" in msg and "'xx'" in msg
 
 

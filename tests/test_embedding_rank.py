@@ -7,16 +7,10 @@ import math
 import pytest
 import torch
 
-from alma_r.experiments.learning_check import one_torch_thread
 from alma_r.models import synthetic
 from alma_r.models.sequence.embedding_rank import EmbeddingRanker, ranking_from_similarities
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
 
 
 @pytest.fixture(scope="module")

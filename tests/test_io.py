@@ -36,6 +36,26 @@ def no_temp_files(folder) -> bool:
     return not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
+def write_refused(data, path, schema) -> str:
+    """The message of the SchemaError that write_table raises for data; it names the file, and neither the
+    file nor a temporary file is left behind."""
+    with pytest.raises(SchemaError) as exc:
+        write_table(data, path, schema)
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert not path.exists() and no_temp_files(path.parent)
+    return msg
+
+
+def read_refused(path, schema) -> str:
+    """The message of the SchemaError that read_table raises for the file; it names the file."""
+    with pytest.raises(SchemaError) as exc:
+        read_table(path, schema)
+    msg = str(exc.value)
+    assert str(path) in msg
+    return msg
+
+
 # -------------------------------------------------------------------------------------- the contracts
 
 
@@ -106,39 +126,29 @@ def scores_row(**kw) -> dict:
 def test_missing_column_on_write(tmp_path):
     path = tmp_path / "scores.parquet"
     table = pa.table({k: [v] for k, v in scores_row().items() if k != "metric"})
-    with pytest.raises(SchemaError) as exc:
-        write_table(table, path, SCORES)
-    msg = str(exc.value)
-    assert str(path) in msg and "missing" in msg and "'metric'" in msg
-    assert not path.exists() and no_temp_files(tmp_path)
+    msg = write_refused(table, path, SCORES)
+    assert "missing" in msg and "'metric'" in msg
 
 
 def test_missing_column_on_read(tmp_path):
     path = tmp_path / "scores.parquet"
     pq.write_table(pa.table({k: [v] for k, v in scores_row().items() if k != "score"}), path)
-    with pytest.raises(SchemaError) as exc:
-        read_table(path, SCORES)
-    msg = str(exc.value)
-    assert str(path) in msg and "missing" in msg and "'score'" in msg
+    msg = read_refused(path, SCORES)
+    assert "missing" in msg and "'score'" in msg
 
 
 def test_extra_field_in_a_row(tmp_path):
     path = tmp_path / "scores.parquet"
     rows = [scores_row(), scores_row(), scores_row(bogus=1)]
-    with pytest.raises(SchemaError) as exc:
-        write_table(rows, path, SCORES)
-    msg = str(exc.value)
-    assert str(path) in msg and "row 2" in msg and "'bogus'" in msg
-    assert not path.exists() and no_temp_files(tmp_path)
+    msg = write_refused(rows, path, SCORES)
+    assert "row 2" in msg and "'bogus'" in msg
 
 
 def test_extra_column_on_read(tmp_path):
     path = tmp_path / "scores.parquet"
     pq.write_table(pa.table({k: [v] for k, v in scores_row(extra_col="x").items()}), path)
-    with pytest.raises(SchemaError) as exc:
-        read_table(path, SCORES)
-    msg = str(exc.value)
-    assert str(path) in msg and "unexpected" in msg and "'extra_col'" in msg
+    msg = read_refused(path, SCORES)
+    assert "unexpected" in msg and "'extra_col'" in msg
 
 
 def test_null_in_an_optional_field_is_accepted(tmp_path):
@@ -150,11 +160,8 @@ def test_null_in_a_required_field_on_write(tmp_path):
     path = tmp_path / "dropped.parquet"
     rows = [{"segment_id": f"s{i}", "lp": "de-en", "reason": "r", "detail": None} for i in range(4)]
     rows[2]["reason"] = None
-    with pytest.raises(SchemaError) as exc:
-        write_table(rows, path, DROPPED)
-    msg = str(exc.value)
-    assert str(path) in msg and "row 2" in msg and "'reason'" in msg
-    assert not path.exists()
+    msg = write_refused(rows, path, DROPPED)
+    assert "row 2" in msg and "'reason'" in msg
 
 
 def test_null_in_a_required_field_on_read(tmp_path):
@@ -170,79 +177,55 @@ def test_null_in_a_required_field_on_read(tmp_path):
         ),
         path,
     )
-    with pytest.raises(SchemaError) as exc:
-        read_table(path, DROPPED)
-    msg = str(exc.value)
-    assert str(path) in msg and "row 1" in msg and "'lp'" in msg
+    msg = read_refused(path, DROPPED)
+    assert "row 1" in msg and "'lp'" in msg
 
 
 @pytest.mark.parametrize("bad", [{"score": "high"}, {"system": 5}, {"metric": 3.5}])
 def test_wrong_type_on_write(tmp_path, bad):
     path = tmp_path / "scores.parquet"
-    with pytest.raises(SchemaError) as exc:
-        write_table([scores_row(), scores_row(**bad)], path, SCORES)
-    assert str(path) in str(exc.value)
-    assert not path.exists() and no_temp_files(tmp_path)
+    write_refused([scores_row(), scores_row(**bad)], path, SCORES)
 
 
 def test_wrong_type_on_read(tmp_path):
     path = tmp_path / "scores.parquet"
     pq.write_table(pa.table({**{k: [v] for k, v in scores_row().items()}, "score": ["high"]}), path)
-    with pytest.raises(SchemaError) as exc:
-        read_table(path, SCORES)
-    msg = str(exc.value)
-    assert str(path) in msg and "type" in msg
+    msg = read_refused(path, SCORES)
+    assert "type" in msg
+
+
+# An evaluation row whose integer field n_segments holds a fraction.
+FRACTIONAL_EVAL_ROW = {
+    "test_set": "wmt22",
+    "lp": "de-en",
+    "system": "s",
+    "metric": "bleu",
+    "score": 30.0,
+    "signature": "sig",
+    "n_segments": 2.5,
+}
 
 
 def test_fractional_value_in_an_integer_column_is_refused(tmp_path):
-    row = {
-        "test_set": "wmt22",
-        "lp": "de-en",
-        "system": "s",
-        "metric": "bleu",
-        "score": 30.0,
-        "signature": "sig",
-        "n_segments": 2.5,
-    }
-    with pytest.raises(SchemaError):
-        write_table([row], tmp_path / "eval.parquet", EVAL_RESULTS)
+    write_refused([FRACTIONAL_EVAL_ROW], tmp_path / "eval.parquet", EVAL_RESULTS)
 
 
 def test_fractional_column_in_an_integer_field_on_read(tmp_path):
     path = tmp_path / "eval.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "test_set": ["wmt22"],
-                "lp": ["de-en"],
-                "system": ["s"],
-                "metric": ["bleu"],
-                "score": [30.0],
-                "signature": ["sig"],
-                "n_segments": [2.5],
-            }
-        ),
-        path,
-    )
-    with pytest.raises(SchemaError) as exc:
-        read_table(path, EVAL_RESULTS)
-    assert str(path) in str(exc.value)
+    pq.write_table(pa.table({k: [v] for k, v in FRACTIONAL_EVAL_ROW.items()}), path)
+    read_refused(path, EVAL_RESULTS)
 
 
 @pytest.mark.parametrize("payload", [b"", b"segment_id,lp\ns1,de-en\n", b"PAR1 not really parquet"])
 def test_not_a_parquet_file(tmp_path, payload):
     path = tmp_path / "scores.parquet"
     path.write_bytes(payload)
-    with pytest.raises(SchemaError) as exc:
-        read_table(path, SCORES)
-    assert str(path) in str(exc.value)
+    read_refused(path, SCORES)
 
 
 def test_missing_file_is_a_schema_error_naming_it(tmp_path):
     path = tmp_path / "nowhere.parquet"
-    with pytest.raises(SchemaError) as exc:
-        read_table(path, SCORES)
-    assert str(path) in str(exc.value)
+    read_refused(path, SCORES)
 
 
 # -------------------------------------------------------------------------------------------- atomicity

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -23,6 +22,7 @@ from alma_r.models.evaluate.judge import (
     write_result_json,
 )
 from alma_r.models.generate.openai_backend import EndpointConfig
+from tests.helpers import QuietHandler, serve_on_loopback
 
 
 def parse_judge_prompt(prompt: str) -> tuple[str, str, str]:
@@ -66,25 +66,14 @@ class FakeJudge:
         lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][0]["content"]
+                prompt = json.loads(self.read_body())["messages"][0]["content"]
                 with lock:
                     outer.prompts.append(prompt)
-                text = rule(*parse_judge_prompt(prompt))
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload.encode())))
-                self.end_headers()
-                self.wfile.write(payload.encode())
+                self.reply_chat(rule(*parse_judge_prompt(prompt)))
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd = serve_on_loopback(Handler)
         self.endpoint = EndpointConfig(
             base_url=f"http://127.0.0.1:{self.httpd.server_address[1]}/v1",
             model="fake-judge",
@@ -121,6 +110,27 @@ def items(behaviours):
     return queries, outputs, references
 
 
+def assert_counts_add_up(run) -> None:
+    """What holds for any judge run, whatever the judge answered: the result's counts agree with its items,
+    and the win rate and its Wilson interval are those of the decided items."""
+    r = run.result
+    answers = [a for it in run.items for a in (it.answer_output_first, it.answer_reference_first)]
+    letters = [parse_answer(a) for a in answers]
+    assert r.items == len(run.items) and r.judgements == 2 * len(run.items) == len(answers)
+    assert r.invalid == letters.count(None) and r.answered_a + r.answered_b + r.invalid == r.judgements
+    decided = [it for it in run.items if it.score is not None]
+    assert r.decided_items == len(decided) == r.wins + r.ties + r.losses
+    for it in run.items:  # an item counts only with both answers valid
+        both_valid = it.preferred_output_first is not None and it.preferred_reference_first is not None
+        assert (it.score is not None) == both_valid
+    if decided:
+        assert r.win_rate == pytest.approx(sum(it.score for it in decided) / len(decided))
+        assert (r.ci_low, r.ci_high) == pytest.approx(wilson_interval(r.win_rate, len(decided)))
+        assert r.ci_low <= r.win_rate <= r.ci_high
+    else:
+        assert r.win_rate is None and r.ci_low is None and r.ci_high is None
+
+
 def test_hand_checked_mixture_both_orders_once_and_a_rerun_is_free(fake_judge, tmp_path):
     judge = fake_judge(rule_by_query)
     queries, outputs, references = items(BEHAVIOURS)
@@ -145,6 +155,7 @@ def test_hand_checked_mixture_both_orders_once_and_a_rerun_is_free(fake_judge, t
 
     scores = [it.score for it in run.items]
     assert scores == [1.0] * 7 + [0.5] * 2 + [0.0] + [None, None]
+    assert_counts_add_up(run)
     assert run.items[10].answer_output_first == "Response A is better"
     assert (
         run.items[10].preferred_output_first is None and run.items[10].preferred_reference_first == "output"

@@ -16,10 +16,9 @@ from alma_r.models.evaluate.judge import (
     judge_against_references,
     judge_prompts,
     markdown_row,
-    parse_answer,
-    wilson_interval,
 )
 from alma_r.models.generate.openai_backend import EndpointConfig
+from tests.test_judge import assert_counts_add_up
 from tests.test_openai_backend import FaultyProxy
 from tests.test_vllm_serve import VLLM_BIN
 
@@ -61,23 +60,8 @@ def check_plumbing(proxy: FaultyProxy, run) -> None:
     assert sent == sorted(judge_prompts(QUERIES, OUTPUTS, REFERENCES, "dolly"))
     assert len(sent) == 2 * n == len(set(sent)) and len(ORDERS) == 2
     assert run.request_stats == {"requests": proxy.requests, "retries": proxy.faults, "cached": 0}
-
-    r = run.result
-    answers = [a for it in run.items for a in (it.answer_output_first, it.answer_reference_first)]
-    letters = [parse_answer(a) for a in answers]
-    assert r.items == n and r.judgements == 2 * n == len(answers)
-    assert r.invalid == letters.count(None) and r.answered_a + r.answered_b + r.invalid == r.judgements
-    decided = [it for it in run.items if it.score is not None]
-    assert r.decided_items == len(decided) == r.wins + r.ties + r.losses
-    for it in run.items:  # an item counts only with both answers valid
-        both_valid = it.preferred_output_first is not None and it.preferred_reference_first is not None
-        assert (it.score is not None) == both_valid
-    if decided:
-        assert r.win_rate == pytest.approx(sum(it.score for it in decided) / len(decided))
-        assert (r.ci_low, r.ci_high) == pytest.approx(wilson_interval(r.win_rate, len(decided)))
-        assert r.ci_low <= r.win_rate <= r.ci_high
-    else:
-        assert r.win_rate is None and r.ci_low is None and r.ci_high is None
+    assert run.result.items == n
+    assert_counts_add_up(run)
 
 
 def test_judge_plumbing_against_vllm_serve(vllm_server, tiny_model_dir, tmp_path):

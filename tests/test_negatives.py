@@ -9,7 +9,6 @@ import torch
 
 from alma_r.data.io import SchemaError, write_table
 from alma_r.data.schemas import CANDIDATES
-from alma_r.experiments.learning_check import one_torch_thread
 from alma_r.models import synthetic
 from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer
@@ -25,12 +24,7 @@ from alma_r.models.sequence.negatives import (
 from alma_r.models.sequence.settings import NegativeMix
 from alma_r.models.train.batching import tokenize_pair
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
 
 
 EOS = 1  # synthetic.build_tokenizer's </s>

@@ -9,7 +9,6 @@ import json
 import random
 import threading
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -17,6 +16,7 @@ from alma_r.config import EndpointSection
 from alma_r.models.generate.openai_backend import EndpointConfig, EndpointError, translate_via_endpoint
 from alma_r.models.prompts import make_prompt
 from alma_r.tasks.shared.endpoints import endpoint_config, resolve_api_key
+from tests.helpers import QuietHandler, serve_on_loopback
 
 SECRET = "sk-test-do-not-log-0123456789"
 
@@ -29,12 +29,9 @@ class Server:
         self.auth: set[str] = set()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = json.loads(self.read_body())
                 outer.auth.add(self.headers.get("Authorization", ""))
                 prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
                 source = prompt.split("\n")[-2].split(": ", 1)[1]
@@ -45,15 +42,9 @@ class Server:
                     if "messages" in body
                     else {"text": " " + text + "\n"}
                 )
-                payload = json.dumps({"choices": [choice]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                self.reply_json(json.dumps({"choices": [choice]}).encode())
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd = serve_on_loopback(Handler)
         self.port = self.httpd.server_address[1]
 
 
@@ -68,39 +59,28 @@ class FaultyProxy:
         lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
+                body = self.read_body()
                 with lock:
                     outer.requests += 1
                     roll = rng.random()
                 if roll < fail_rate:
                     with lock:
                         outer.faults += 1
-                    status = 429 if roll < fail_rate / 2 else 500
-                    self.send_response(status)
-                    if status == 429:
-                        self.send_header("Retry-After", "0")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    if roll < fail_rate / 2:
+                        self.reply(429, headers={"Retry-After": "0"})
+                    else:
+                        self.reply(500)
                     return
                 with lock:
                     outer.forwarded.append(body)
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=10)
                 conn.request("POST", self.path, body, dict(self.headers))
                 response = conn.getresponse()
-                payload = response.read()
-                self.send_response(response.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                self.reply(response.status, response.read(), {"Content-Type": "application/json"})
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd = serve_on_loopback(Handler)
         self.port = self.httpd.server_address[1]
 
 
@@ -135,20 +115,12 @@ def test_faults_are_retried_each_segment_once_and_a_rerun_is_free(tmp_path, monk
 
 
 def test_a_refusal_is_not_retried_and_the_key_never_shows(tmp_path):
-    class Refuse(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
+    class Refuse(QuietHandler):
         def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(401)
-            payload = b'{"error": "bad key"}'
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self.read_body()
+            self.reply(401, b'{"error": "bad key"}')
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = serve_on_loopback(Refuse)
     cfg = EndpointConfig(
         base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
         model="m",

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_process_group
 from tests.test_flow_e2e import MINI, mini_config
 
 
@@ -69,11 +69,7 @@ def prefect_server(tmp_path_factory):
                 time.sleep(0.5)
         yield {**env, "PREFECT_API_URL": url}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_process_group(server, grace_s=20)
         log.close()
 
 

@@ -181,25 +181,17 @@ def test_malformed_json_line(tmp_path):
     assert_ingest_error(exc, path, 3, "invalid JSON")
 
 
-def test_malformed_json_list_names_the_line_of_the_error(tmp_path):
+@pytest.mark.parametrize(("blank_lines", "error_line"), [(0, 8), (2, 10)])
+def test_malformed_json_list_names_the_line_of_the_error(tmp_path, blank_lines, error_line):
     items = [{"translation": {"de": f"Satz {i}", "en": f"Sentence {i}"}} for i in range(3)]
     lines = json.dumps(items, indent=2).splitlines()
     assert lines[6].strip() == "},"  # the first item's closing brace ...
     lines[6] = lines[6].replace("}", "")  # ... is dropped: the error surfaces on the next line, line 8
-    path = write_lines(tmp_path / "list.json", lines)
+    # Blank lines before the list move the error down by as many lines.
+    path = write_lines(tmp_path / "list.json", [""] * blank_lines + lines)
     with pytest.raises(IngestError) as exc:
         read_alma_json(path, "de-en", ["de-en"], "valid")
-    assert_ingest_error(exc, path, 8, "invalid JSON")
-
-
-def test_malformed_json_list_after_leading_blank_lines(tmp_path):
-    items = [{"translation": {"de": f"Satz {i}", "en": f"Sentence {i}"}} for i in range(3)]
-    lines = json.dumps(items, indent=2).splitlines()
-    lines[6] = lines[6].replace("}", "")
-    path = write_lines(tmp_path / "list.json", ["", "", *lines])  # two blank lines first: error on line 10
-    with pytest.raises(IngestError) as exc:
-        read_alma_json(path, "de-en", ["de-en"], "valid")
-    assert_ingest_error(exc, path, 10, "invalid JSON")
+    assert_ingest_error(exc, path, error_line, "invalid JSON")
 
 
 @pytest.mark.parametrize("missing", ["de", "en"])

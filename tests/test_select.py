@@ -187,25 +187,22 @@ def test_all_scores_equal_is_dropped():
 
 
 def test_margin_below_threshold_is_dropped_and_equal_margin_kept():
-    # margin 60 - 52 = 8 < 10
-    pairs, dropped = run_one(
-        {REFERENCE: ("Ref.", {"m": 60.0}), "a": ("A.", {"m": 55.0}), "b": ("B.", {"m": 52.0})},
-        systems=["a", "b"],
-        metrics=["m"],
-        min_margin=10.0,
-    )
+    def select_with_worst_score(worst: float):
+        """The reference scores 60 and is chosen, "b" scores `worst` and is rejected; min_margin is 10."""
+        return run_one(
+            {REFERENCE: ("Ref.", {"m": 60.0}), "a": ("A.", {"m": 55.0}), "b": ("B.", {"m": worst})},
+            systems=["a", "b"],
+            metrics=["m"],
+            min_margin=10.0,
+        )
+
+    pairs, dropped = select_with_worst_score(52.0)  # margin 60 - 52 = 8 < 10
     assert pairs == []
     assert [(d["segment_id"], d["lp"], d["reason"]) for d in dropped] == [
         ("s1", "de-en", "margin_below_threshold")
     ]
 
-    # margin 60 - 50 = 10, not below 10
-    pairs, dropped = run_one(
-        {REFERENCE: ("Ref.", {"m": 60.0}), "a": ("A.", {"m": 55.0}), "b": ("B.", {"m": 50.0})},
-        systems=["a", "b"],
-        metrics=["m"],
-        min_margin=10.0,
-    )
+    pairs, dropped = select_with_worst_score(50.0)  # margin 60 - 50 = 10, not below 10
     assert dropped == []
     assert pairs[0]["margin"] == 10.0
 

@@ -13,12 +13,7 @@ from alma_r.cli import sequence_cpo as sequence_cpo_cli
 from alma_r.experiments import sequence_cpo_check as sc
 from alma_r.experiments import sequence_cpo_report as report
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
-    with sc.one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
 
 
 SIZES = replace(

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from alma_r.experiments.learning_check import one_torch_thread
 from alma_r.models import synthetic
 from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer
@@ -28,11 +27,7 @@ EXACT_KL = sum(
 )  # 0.5 ln 2.5 + 0.3 ln 0.6 + 0.2 ln(2/3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
 
 
 def test_reverse_kl_monte_carlo_converges_to_the_exact_value():

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from alma_r.experiments.learning_check import one_torch_thread
 from alma_r.models import synthetic
 from alma_r.models.loading import load_model
 from alma_r.models.sequence.negatives import NegativeMix
@@ -16,12 +15,7 @@ from alma_r.models.sequence.trainer import SequenceCPORecipe, SequenceCPOSetting
 from alma_r.models.train.batching import collate
 from alma_r.models.train.logprobs import CompletionLogps
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
 
 
 @pytest.fixture(scope="module")

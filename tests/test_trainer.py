@@ -40,6 +40,11 @@ def settings(**kw) -> TrainSettings:
     return TrainSettings(**(base | kw))
 
 
+def set_up(model_dir, out_dir, **kw) -> CPORecipe:
+    """A recipe over PAIRS with settings(**kw), set up (resuming from out_dir's checkpoint if it has one)."""
+    return CPORecipe(settings(**kw), str(model_dir), PAIRS, out_dir, seed=SEED).setup()
+
+
 def losses(out_dir) -> dict[int, float]:
     return {
         r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
@@ -51,12 +56,10 @@ class Crash(RuntimeError):
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
-    straight = (
-        CPORecipe(settings(), str(tiny_model_dir), PAIRS, tmp_path / "straight", seed=SEED).setup().train()
-    )
+    straight = set_up(tiny_model_dir, tmp_path / "straight").train()
     straight.save(tmp_path / "straight" / "adapter")
 
-    crashing = CPORecipe(settings(), str(tiny_model_dir), PAIRS, tmp_path / "resumed", seed=SEED).setup()
+    crashing = set_up(tiny_model_dir, tmp_path / "resumed")
     real_loss = crashing._loss
 
     def loss_then_crash(*args, **kwargs):
@@ -68,7 +71,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tiny_model_dir, t
     with pytest.raises(Crash):
         crashing.train()
 
-    resumed = CPORecipe(settings(), str(tiny_model_dir), PAIRS, tmp_path / "resumed", seed=SEED).setup()
+    resumed = set_up(tiny_model_dir, tmp_path / "resumed")
     assert resumed.resumed_from == 2
     resumed.train().save(tmp_path / "resumed" / "adapter")
 
@@ -83,13 +86,11 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tiny_model_dir, t
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(tiny_model_dir, tmp_path):
-    CPORecipe(settings(max_steps=3), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED).setup().train()
+    set_up(tiny_model_dir, tmp_path, max_steps=3).train()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
-    same = CPORecipe(settings(max_steps=3), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED).setup()
+    same = set_up(tiny_model_dir, tmp_path, max_steps=3)
     assert same.resumed_from == 2
-    other = CPORecipe(
-        settings(max_steps=3, beta=0.5), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED
-    ).setup()
+    other = set_up(tiny_model_dir, tmp_path, max_steps=3, beta=0.5)
     assert other.resumed_from is None and other.step == 0
 
 
@@ -98,28 +99,12 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, tmp_path
     common = dict(
         max_steps=1, cpo_alpha=1.0, lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["down_proj"]}
     )
-    one = (
-        CPORecipe(
-            settings(batch_size=4, gradient_accumulation_steps=1, **common),
-            str(tiny_model_dir),
-            PAIRS,
-            tmp_path / "one",
-            seed=SEED,
-        )
-        .setup()
-        .train()
-    )
-    two = (
-        CPORecipe(
-            settings(batch_size=2, gradient_accumulation_steps=2, **common),
-            str(tiny_model_dir),
-            PAIRS,
-            tmp_path / "two",
-            seed=SEED,
-        )
-        .setup()
-        .train()
-    )
+    one = set_up(
+        tiny_model_dir, tmp_path / "one", batch_size=4, gradient_accumulation_steps=1, **common
+    ).train()
+    two = set_up(
+        tiny_model_dir, tmp_path / "two", batch_size=2, gradient_accumulation_steps=2, **common
+    ).train()
     assert losses(tmp_path / "one")[1] == pytest.approx(losses(tmp_path / "two")[1], rel=1e-5)
     for (name, p1), (_, p2) in zip(one.model.named_parameters(), two.model.named_parameters(), strict=True):
         if p1.requires_grad:
@@ -127,13 +112,9 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, tmp_path
 
 
 def test_training_moves_the_margin_towards_chosen(tiny_model_dir, tmp_path):
-    recipe = CPORecipe(
-        settings(max_steps=30, learning_rate=2e-2, save_steps=100, logging_steps=30),
-        str(tiny_model_dir),
-        PAIRS,
-        tmp_path,
-        seed=SEED,
-    ).setup()
+    recipe = set_up(
+        tiny_model_dir, tmp_path, max_steps=30, learning_rate=2e-2, save_steps=100, logging_steps=30
+    )
     first = recipe._forward(recipe.examples[:8])
     recipe.train()
     recipe.model.eval()
@@ -144,19 +125,11 @@ def test_training_moves_the_margin_towards_chosen(tiny_model_dir, tmp_path):
 
 
 def test_gradient_checkpointing_and_bf16_autocast(tiny_model_dir, tmp_path):
-    plain = CPORecipe(settings(max_steps=1), str(tiny_model_dir), PAIRS, tmp_path / "a", seed=SEED).setup()
-    checkpointed = CPORecipe(
-        settings(max_steps=1, gradient_checkpointing=True),
-        str(tiny_model_dir),
-        PAIRS,
-        tmp_path / "b",
-        seed=SEED,
-    ).setup()
+    plain = set_up(tiny_model_dir, tmp_path / "a", max_steps=1)
+    checkpointed = set_up(tiny_model_dir, tmp_path / "b", max_steps=1, gradient_checkpointing=True)
     idx = list(range(4))
     torch.testing.assert_close(plain._loss(idx)[0].loss, checkpointed._loss(idx)[0].loss)
-    bf16 = CPORecipe(
-        settings(max_steps=2, mixed_precision="bf16"), str(tiny_model_dir), PAIRS, tmp_path / "c", seed=SEED
-    ).setup()
+    bf16 = set_up(tiny_model_dir, tmp_path / "c", max_steps=2, mixed_precision="bf16")
     out, logp_c, _ = bf16._loss(idx)
     assert logp_c.dtype == torch.float32 and torch.isfinite(out.loss)
     # bf16 matmuls, float32 log-softmax: close to the float32 loss, not equal to it.
@@ -166,9 +139,7 @@ def test_gradient_checkpointing_and_bf16_autocast(tiny_model_dir, tmp_path):
 
 
 def test_dpo_uses_cached_reference_logps_of_the_starting_policy(tiny_model_dir, tmp_path):
-    recipe = CPORecipe(
-        settings(loss_type="dpo", max_steps=2), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED
-    ).setup()
+    recipe = set_up(tiny_model_dir, tmp_path, loss_type="dpo", max_steps=2)
     assert recipe.ref_logps.shape == (len(PAIRS), 2)
     (cache,) = tmp_path.glob("reference_logps-*.safetensors")
     # At the start the policy is the reference: every log-ratio is 0, so the DPO loss is log 2 (+ NLL).
@@ -176,9 +147,7 @@ def test_dpo_uses_cached_reference_logps_of_the_starting_policy(tiny_model_dir, 
     assert out.chosen_rewards.abs().max().item() < 1e-5 and out.rejected_rewards.abs().max().item() < 1e-5
     assert out.preference.item() == pytest.approx(math.log(2), abs=1e-5)
     recipe.train()
-    again = CPORecipe(
-        settings(loss_type="dpo", max_steps=2), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED
-    ).setup()
+    again = set_up(tiny_model_dir, tmp_path, loss_type="dpo", max_steps=2)
     torch.testing.assert_close(again.ref_logps, load_file(cache)["logps"])
     torch.testing.assert_close(again.ref_logps, recipe.ref_logps)
 
@@ -187,9 +156,7 @@ def test_merged_model_equals_base_plus_adapter(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    recipe = CPORecipe(
-        settings(max_steps=3, save_merged=True), str(tiny_model_dir), PAIRS, tmp_path, seed=SEED
-    ).setup()
+    recipe = set_up(tiny_model_dir, tmp_path, max_steps=3, save_merged=True)
     recipe.train().save(tmp_path / "adapter")
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")

@@ -6,16 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alma_r.experiments.learning_check import one_torch_thread
 from alma_r.models import synthetic
 from alma_r.models.sequence.wise_ft import interpolate, wise_ft_grid
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One thread: on a machine whose cores are busy, more make these small models many times slower."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:

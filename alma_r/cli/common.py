@@ -23,3 +23,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, example: str, force: b
             metavar="STAGE",
             help="recompute this stage (repeatable; all)",
         )
+
+
+def add_command(sub, name: str, summary: str, doc: str, handler) -> argparse.ArgumentParser:
+    """Register a sub-command: `summary` in `alma-r --help`, the module docstring `doc` as its own --help (kept
+    as written, so that its example commands keep their layout), and `handler(args) -> exit status`."""
+    parser = sub.add_parser(
+        name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.set_defaults(handler=handler)
+    return parser

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from alma_r.cli.common import add_command
+
+SUMMARY = "score systems on WMT test sets outside the flow"
+
 
 def add_evaluate_parser(sub) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="score systems on WMT test sets outside the flow",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "evaluate", SUMMARY, __doc__, run_evaluate_cli)
     p.add_argument("--test-set", required=True, help="name, e.g. wmt22 (also the sacreBLEU test set)")
     p.add_argument("--lps", nargs="+", required=True, help="directions, e.g. de-en en-de")
     p.add_argument("--testset-dir", help="folder in ALMA's layout; without it, sacreBLEU's copy")
@@ -42,7 +41,6 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-segments", type=int, help="only the first N segments per direction")
     p.add_argument("--bootstrap-samples", type=int, default=1000)
-    p.set_defaults(handler=run_evaluate_cli)
 
 
 def parse_system(value: str) -> tuple[str, str, dict]:

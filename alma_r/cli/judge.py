@@ -21,14 +21,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from alma_r.cli.common import add_command
+
+SUMMARY = "LLM-judge win rate of outputs against references (both answer orders)"
+
 
 def add_judge_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "judge",
-        help="LLM-judge win rate of outputs against references (both answer orders)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "judge", SUMMARY, __doc__, run_judge_cli)
     p.add_argument("--input", required=True, help="Parquet, JSON lines or JSON list of rows")
     p.add_argument("--output", required=True, help="result JSON to write")
     p.add_argument("--system", default="model", help="name of the judged system in the table row")
@@ -46,7 +45,6 @@ def add_judge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--cache", help="request cache (default: <output folder>/_cache/judge.sqlite)")
-    p.set_defaults(handler=run_judge_cli)
     return p
 
 

@@ -12,19 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 
+from alma_r.cli.common import add_command
+
+SUMMARY = "CPO vs SFT on a synthetic task with flawed references (minutes on a CPU)"
+
 
 def add_learning_check_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "learning-check",
-        help="CPO vs SFT on a synthetic task with flawed references (minutes on a CPU)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "learning-check", SUMMARY, __doc__, run_learning_check_cli)
     p.add_argument("--variant", choices=["main", "hard"], default="main")
     p.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1")
     p.add_argument("--write-doc", action="store_true", help="write the tables to docs/learning-check.md")
     p.add_argument("--work-dir", help="keep the models and logs here (default: a temporary folder)")
-    p.set_defaults(handler=run_learning_check_cli)
     return p
 
 

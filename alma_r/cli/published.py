@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from alma_r.cli.common import add_command
+
+SUMMARY = "build pairs from the published ALMA-R preference data"
+
 
 def add_published_parser(sub) -> None:
-    p = sub.add_parser(
-        "published-pairs",
-        help="build pairs from the published ALMA-R preference data",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "published-pairs", SUMMARY, __doc__, run_published_cli)
     p.add_argument(
         "--source", required=True, help="a local .parquet/.jsonl file or a Hugging Face dataset id"
     )
@@ -31,7 +30,6 @@ def add_published_parser(sub) -> None:
     p.add_argument("--rejected", choices=["worst", "noise"], default="worst")
     p.add_argument("--min-margin", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=42)
-    p.set_defaults(handler=run_published_cli)
 
 
 def run_published_cli(args: argparse.Namespace) -> int:

@@ -13,19 +13,19 @@ from __future__ import annotations
 import argparse
 import os
 
+from alma_r.cli.common import add_command
+
 # The names of sequence_cpo_check.RUNS and DEFAULT_ROWS, written out so that `alma-r --help` does not import
 # torch (tests/test_sequence_cpo_check.py checks that they agree).
 ROW_NAMES = ("mle", "bn", "mn", "tn", "mixn", "bnr", "mnr", "tnr", "mixnr", "an", "anr")
 DEFAULT_ROWS = ("mle", "bn", "mn", "tn", "mixn", "mixnr")
 
 
+SUMMARY = "continued MLE vs sequence-level CPO with synthetic negatives on the synthetic task (minutes)"
+
+
 def add_sequence_cpo_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "sequence-cpo",
-        help="continued MLE vs sequence-level CPO with synthetic negatives on the synthetic task (minutes)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "sequence-cpo", SUMMARY, __doc__, run_sequence_cpo_cli)
     p.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1")
     p.add_argument(
         "--rows",
@@ -40,7 +40,6 @@ def add_sequence_cpo_parser(sub) -> argparse.ArgumentParser:
         help="where the larger scoring model is kept between runs (default: %(default)s)",
     )
     p.add_argument("--work-dir", help="keep the models and logs here (default: a temporary folder)")
-    p.set_defaults(handler=run_sequence_cpo_cli)
     return p
 
 

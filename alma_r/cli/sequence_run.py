@@ -10,18 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alma_r.cli.common import add_config_arguments
+from alma_r.cli.common import add_command, add_config_arguments
+
+SUMMARY = "run the sequence-cpo flow (MLE, sequence-level CPO, WiSE-FT, eq. 9/10, judge) in-process"
 
 
 def add_sequence_run_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "sequence-run",
-        help="run the sequence-cpo flow (MLE, sequence-level CPO, WiSE-FT, eq. 9/10, judge) in-process",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "sequence-run", SUMMARY, __doc__, run_sequence_run_cli)
     add_config_arguments(p, "configs/sequence-cpo/dolly-tiny.yaml")
-    p.set_defaults(handler=run_sequence_run_cli)
     return p
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from alma_r.cli.common import add_command
 from alma_r.cli.schema_args import add_model_arguments, validate_given
 from alma_r.config import ModelSection, RunSection
 from alma_r.models.train.settings import TrainSettings
@@ -22,14 +23,12 @@ from alma_r.models.train.settings import TrainSettings
 COMMAND = "alma-r train"
 
 
+SUMMARY = "CPO-train a model on a preference Parquet file (outside the flow)"
+
+
 def add_train_parser(sub, settings_class: type[TrainSettings] = TrainSettings) -> argparse.ArgumentParser:
     """The `train` sub-parser; `settings_class` is TrainSettings or a subclass (its new fields become flags)."""
-    p = sub.add_parser(
-        "train",
-        help="CPO-train a model on a preference Parquet file (outside the flow)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "train", SUMMARY, __doc__, run_train_cli)
     p.add_argument("--model", required=True, help="base model folder or Hugging Face id")
     p.add_argument("--data", required=True, help="Parquet with prompt/chosen/rejected columns")
     p.add_argument("--output", required=True, help="output folder: adapter/, metrics.jsonl, checkpoints/")
@@ -40,7 +39,7 @@ def add_train_parser(sub, settings_class: type[TrainSettings] = TrainSettings) -
     run_and_model = p.add_argument_group("run and model (the config's run and model sections)")
     add_model_arguments(run_and_model, RunSection, "run", only={"seed"})
     add_model_arguments(run_and_model, ModelSection, "model", only={"dtype", "trust_remote_code"})
-    p.set_defaults(handler=run_train_cli, settings_class=settings_class)
+    p.set_defaults(settings_class=settings_class)
     return p
 
 

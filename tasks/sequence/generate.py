@@ -10,13 +10,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from alma_r.config.sequence import SequenceRunConfig
-from alma_r.data.io import write_table
-from alma_r.data.schemas import CANDIDATES
 from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer, pick_device
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 from alma_r.tasks.sequence.shared import candidate_row, fields_hash, split_rows
+from alma_r.tasks.shared.candidates import write_candidates
 
 
 def an_decoding(cfg: SequenceRunConfig) -> Decoding:
@@ -56,11 +55,9 @@ def run_generate(
             for r, text in zip(rows, texts, strict=True)
             if text is not None
         ]
-        outputs[f"candidates/{system}"] = write_table(
-            candidates, out_dir / "candidates" / f"{system}.parquet", CANDIDATES
-        )
-        counts[f"{system}/generated"] = len(candidates)
-        counts[f"{system}/skipped_prompt_too_long"] = len(rows) - len(candidates)
+        written, made = write_candidates(system, candidates, len(rows), out_dir)
+        outputs.update(written)
+        counts.update(made)
     return outputs, counts
 
 

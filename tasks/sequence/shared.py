@@ -18,6 +18,7 @@ from alma_r.models.train.metrics import plot_curves
 from alma_r.models.train.recipe import CPORecipe
 from alma_r.models.train.settings import TrainSettings
 from alma_r.tasks.runtime.stage import StageResult
+from alma_r.tasks.shared.training import run_wide_settings, skipped_counts
 
 # CANDIDATES rows need an `lp`; an instruction has no translation direction.
 INSTRUCTION_LP = "instruction"
@@ -47,11 +48,6 @@ def candidate_row(row: dict, system: str, text: str, model_dir: str | Path, gene
     }
 
 
-def run_wide_settings(cfg: SequenceRunConfig) -> dict:
-    """What both trainers take beside their settings: the run's seed, the model's dtype and trust_remote_code."""
-    return {"seed": cfg.run.seed, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code}
-
-
 def mle_settings(section: MleSection) -> TrainSettings:
     """Next-token prediction on prompt + response: the CPO engine's `sft` loss (NLL of the chosen side), every
     weight trained. `section` is cfg.mle, or cfg.scorer for the scoring model; the fields it shares with
@@ -73,6 +69,6 @@ def train_mle(cfg: SequenceRunConfig, section: MleSection, base_model: str, out_
         "examples": summary["pairs"],
         "examples_used": summary["pairs_used"],
         "steps": summary["steps"],
-        **{f"skipped_{k}": v for k, v in summary["skipped"].items()},
+        **skipped_counts(summary),
     }
     return {"model": model_dir, "metrics": out_dir / "metrics.jsonl"}, counts

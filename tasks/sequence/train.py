@@ -13,7 +13,8 @@ from alma_r.models.sequence.settings import SequenceCPOSettings
 from alma_r.models.sequence.trainer import SequenceCPORecipe
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
-from alma_r.tasks.sequence.shared import run_wide_settings, split_rows
+from alma_r.tasks.sequence.shared import split_rows
+from alma_r.tasks.shared.training import run_wide_settings
 
 
 def sequence_settings(cfg: SequenceRunConfig) -> SequenceCPOSettings:

@@ -62,6 +62,7 @@ def from_published(
                 if not translation.get(lang):
                     raise IngestError(f"{where}:{i}: field 'translation.{lang}' is missing or empty")
             sid = segment_id(origin, pair, i, lp)
+            of_segment = {"segment_id": sid, "lp": lp}  # the key columns of its candidate and score rows
             data.segments.append(
                 {
                     "id": sid,
@@ -79,8 +80,7 @@ def from_published(
                 if text is not None:
                     data.candidates.append(
                         {
-                            "segment_id": sid,
-                            "lp": lp,
+                            **of_segment,
                             "system": system,
                             "hypothesis": text,
                             "model_id": f"published:{system}",
@@ -94,8 +94,7 @@ def from_published(
                     if value is not None:
                         data.scores.append(
                             {
-                                "segment_id": sid,
-                                "lp": lp,
+                                **of_segment,
                                 "system": REFERENCE if system == "ref" else system,
                                 "metric": metric,
                                 "model_id": f"published:{metric}",

@@ -220,9 +220,7 @@ def run_generate(
                 for r, o in zip(sources, outs, strict=True)
                 if o is not None
             ]
-            written, made = write_candidates(name, rows, len(sources), out_dir)
-            outputs.update(written)
-            counts.update(made)
+            write_candidates(name, rows, len(sources), out_dir, outputs, counts)
     return outputs, counts
 
 

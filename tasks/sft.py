@@ -17,7 +17,7 @@ from alma_r.models.train.recipe import CPORecipe
 from alma_r.models.train.settings import TrainSettings
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
-from alma_r.tasks.shared.training import run_wide_settings, skipped_counts
+from alma_r.tasks.shared.training import run_wide_settings, summary_counts
 
 # The warm-up's settings that the sft section does not expose: NLL on the reference, every weight trained.
 SFT_FIXED = {
@@ -53,13 +53,8 @@ def run_sft(cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path)
     )
     model_dir = recipe.setup().train().save(out_dir / "model")
     plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", "SFT warm-up")
-    summary = recipe.summary()
-    return {"model": model_dir, "metrics": out_dir / "metrics.jsonl"}, {
-        "pairs": summary["pairs"],
-        "pairs_used": summary["pairs_used"],
-        "steps": summary["steps"],
-        **skipped_counts(summary),
-    }
+    counts = summary_counts(recipe.summary(), "pairs", "pairs_used", "steps")
+    return {"model": model_dir, "metrics": out_dir / "metrics.jsonl"}, counts
 
 
 def sft_key(cfg: RunConfig, run_dir: Path, segments: StageResult, base: StageResult) -> StageKey:

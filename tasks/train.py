@@ -11,7 +11,7 @@ from alma_r.models.train.metrics import plot_curves, read_metrics
 from alma_r.models.train.recipe import CPORecipe
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
-from alma_r.tasks.shared.training import run_wide_settings, skipped_counts
+from alma_r.tasks.shared.training import run_wide_settings, summary_counts
 
 
 def run_train(
@@ -34,13 +34,7 @@ def run_train(
     curves = plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", f"CPO ({cfg.train.loss_type})")
     if curves:
         outputs["curves"] = curves
-    summary = recipe.summary()
-    return outputs, {
-        "pairs_used": summary["pairs_used"],
-        "steps": summary["steps"],
-        "resumed_from": summary["resumed_from"],
-        **skipped_counts(summary),
-    }
+    return outputs, summary_counts(recipe.summary(), "pairs_used", "steps", "resumed_from")
 
 
 def train_key(cfg: RunConfig, run_dir: Path, pairs: StageResult, policy: StageResult) -> StageKey:

@@ -208,7 +208,7 @@ def test_editing_a_helper_invalidates_the_stages_that_import_it(tmp_path):
     assert "alma_r.models.score.scorers" in module_closure(score, locate)
     assert "alma_r.models.score.scorers" not in module_closure(ingest, locate)
     before = {m: code_version(m, locate) for m in (score, ingest)}
-    helper = tmp_path / "models" / "scorers.py"
+    helper = tmp_path / "models" / "score" / "scorers.py"
     helper.write_text(helper.read_text().replace("def ", "def  ", 1))  # a one-character edit of a helper
     after = {m: code_version(m, locate) for m in (score, ingest)}
     assert after[score] != before[score]

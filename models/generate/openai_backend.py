@@ -175,15 +175,9 @@ def complete_via_endpoint(
 
 
 def translate_via_endpoint(
-    cfg: EndpointConfig,
-    prompts: list[str],
-    cache_path: Path,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    cfg: EndpointConfig, prompts: list[str], cache_path: Path, **sampling
 ) -> tuple[list[str], dict]:
-    """ALMA-post-processed translations, one per prompt, and request statistics
-    (requests sent, retries, answered from the cache)."""
-    texts, stats = complete_via_endpoint(cfg, prompts, cache_path, max_tokens, temperature, top_p, seed)
+    """ALMA-post-processed translations, one per prompt, and request statistics (requests sent, retries,
+    answered from the cache). `sampling`: complete_via_endpoint's max_tokens, temperature, top_p, seed."""
+    texts, stats = complete_via_endpoint(cfg, prompts, cache_path, **sampling)
     return [postprocess(t) for t in texts], stats

@@ -117,12 +117,8 @@ class SequenceCPOSettings(SequenceCPOHyperparameters):
     the recipe beside these settings."""
 
     negatives: NegativeMix = Field(default_factory=NegativeMix)
-    logits_chunk_size: int = Field(
-        1024,
-        ge=1,
-        description="Completion positions projected to the vocabulary at a time: bounds the memory of the "
-        "log-softmax, never changes its value.",
-    )
+    # The CPO recipe's field (default, bound, description): the same log-probability code reads it.
+    logits_chunk_size: int = TrainSettings.model_fields["logits_chunk_size"]
 
     @model_validator(mode="after")
     def _batch_negatives(self) -> SequenceCPOSettings:

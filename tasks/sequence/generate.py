@@ -55,9 +55,7 @@ def run_generate(
             for r, text in zip(rows, texts, strict=True)
             if text is not None
         ]
-        written, made = write_candidates(system, candidates, len(rows), out_dir)
-        outputs.update(written)
-        counts.update(made)
+        write_candidates(system, candidates, len(rows), out_dir, outputs, counts)
     return outputs, counts
 
 

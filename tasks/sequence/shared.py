@@ -18,7 +18,7 @@ from alma_r.models.train.metrics import plot_curves
 from alma_r.models.train.recipe import CPORecipe
 from alma_r.models.train.settings import TrainSettings
 from alma_r.tasks.runtime.stage import StageResult
-from alma_r.tasks.shared.training import run_wide_settings, skipped_counts
+from alma_r.tasks.shared.training import run_wide_settings, summary_counts
 
 # CANDIDATES rows need an `lp`; an instruction has no translation direction.
 INSTRUCTION_LP = "instruction"
@@ -65,10 +65,7 @@ def train_mle(cfg: SequenceRunConfig, section: MleSection, base_model: str, out_
     model_dir = recipe.setup().train().save(out_dir / "model")
     plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", title)
     summary = recipe.summary()
-    counts = {
-        "examples": summary["pairs"],
-        "examples_used": summary["pairs_used"],
-        "steps": summary["steps"],
-        **skipped_counts(summary),
-    }
+    # An MLE example is a pair of the recipe: its counts by the name the flow uses.
+    counts = {"examples": summary["pairs"], "examples_used": summary["pairs_used"]}
+    counts |= summary_counts(summary, "steps")
     return {"model": model_dir, "metrics": out_dir / "metrics.jsonl"}, counts

@@ -12,12 +12,15 @@ from alma_r.tasks.runtime.stage import StageResult
 PREFIX = "candidates/"  # output names of the candidate tables: candidates/<system>
 
 
-def write_candidates(system: str, rows: list[dict], prompts: int, out_dir: Path) -> tuple[dict, dict]:
-    """candidates/<system>.parquet with `rows`, as a stage's outputs, and its counts: the rows generated and
-    the prompts (of `prompts`) skipped for being over the prompt limit, which got no row."""
-    path = write_table(rows, out_dir / "candidates" / f"{system}.parquet", CANDIDATES)
-    counts = {f"{system}/generated": len(rows), f"{system}/skipped_prompt_too_long": prompts - len(rows)}
-    return {f"{PREFIX}{system}": path}, counts
+def write_candidates(
+    system: str, rows: list[dict], prompts: int, out_dir: Path, outputs: dict, counts: dict
+) -> None:
+    """Write candidates/<system>.parquet with `rows` and record it in a generate stage's `outputs` and `counts`:
+    the rows generated, and the prompts (of `prompts`) skipped for being over the prompt limit, which got no
+    row."""
+    outputs[f"{PREFIX}{system}"] = write_table(rows, out_dir / "candidates" / f"{system}.parquet", CANDIDATES)
+    counts[f"{system}/generated"] = len(rows)
+    counts[f"{system}/skipped_prompt_too_long"] = prompts - len(rows)
 
 
 def candidate_paths(generated: StageResult) -> list[Path]:

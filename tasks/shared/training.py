@@ -1,5 +1,5 @@
 """What the training stages of both flows share: the run-wide values a recipe takes beside its settings, and a
-recipe's summary of the pairs it skipped as stage counts."""
+recipe's summary as stage counts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ def run_wide_settings(cfg) -> dict:
     return {"seed": cfg.run.seed, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code}
 
 
-def skipped_counts(summary: dict) -> dict:
-    """CPORecipe.summary()'s pairs skipped, by reason, as stage counts `skipped_<reason>`."""
-    return {f"skipped_{k}": v for k, v in summary["skipped"].items()}
+def summary_counts(summary: dict, *names: str) -> dict:
+    """Stage counts from CPORecipe.summary(): the values of `names`, then the pairs skipped, by reason, as
+    `skipped_<reason>`."""
+    return {name: summary[name] for name in names} | {
+        f"skipped_{k}": v for k, v in summary["skipped"].items()
+    }

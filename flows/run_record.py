@@ -1,5 +1,7 @@
 """run.json: what a run did, stage by stage (status, cached, seconds, outputs, counts), rewritten atomically
-after every stage so that a crash leaves an accurate record of the finished work."""
+after every stage so that a crash leaves an accurate record of the finished work. A failed run records its
+failure: the stage, the kind (config, input_data, resource, out_of_memory, ...; tasks/runtime/failures.py), the
+exit status of `alma-r` and the one-line message."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 from alma_r import __version__
 from alma_r.data.io import write_json_atomic
+from alma_r.tasks.runtime.failures import classify
 from alma_r.tasks.runtime.stage import StageResult, code_version
 
 
@@ -52,11 +55,14 @@ class RunRecord:
         self.save()
 
     def stage_failed(self, stage: str, error: BaseException):
+        failure = classify(error)
         self.data["stages"][stage] = {
             "status": "failed",
             "cached": False,
             "error": f"{type(error).__name__}: {error}",
+            "kind": failure.kind,
         }
+        self.data["failure"] = {**failure.to_json(), "stage": stage}
         self.finish("failed")
 
     def finish(self, status: str = "completed"):

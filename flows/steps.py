@@ -1,6 +1,6 @@
 """How a flow runs its stages, the same for every flow: refuse an unknown `force` stage before anything is written,
 run each stage as a cached Prefect task that is trusted only while its folder holds its outputs, record each in
-run.json, and print `[name] cached|done in Xs: counts`.
+run.json (a failure with its kind, tasks/runtime/failures.py), and print `[name] cached|done in Xs: counts`.
 
     force = forced_stages(force, STAGES)        # before the config is even loaded
     cfg = load_config(config_path, overrides)
@@ -16,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from alma_r.config import ConfigError
 from alma_r.flows.run_record import RunRecord
+from alma_r.tasks.runtime.failures import mark_stage
 from alma_r.tasks.runtime.prefect_stage import clear_scratch
 from alma_r.tasks.runtime.stage import StageResult, force_recompute, is_complete
 
@@ -29,11 +31,11 @@ def run_dir_for(cfg) -> Path:
 
 
 def forced_stages(force: Iterable[str] | None, stages: tuple[str, ...]) -> set[str]:
-    """`force` as a set; a name that is not one of the flow's stages (or "all") is refused."""
+    """`force` as a set; a name that is not one of the flow's stages (or "all") is refused (a config error)."""
     force = set(force or [])
     unknown = force - set(stages) - {ALL}
     if unknown:
-        raise ValueError(f"force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(stages)}")
+        raise ConfigError(f"force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(stages)}")
     return force
 
 
@@ -82,6 +84,7 @@ class StageSteps:
         try:
             result = run_cached(stage_task, self.cfg, self.run_dir, *upstream, force=forced)
         except BaseException as err:
+            mark_stage(err, name)  # the one-line message names the stage
             self.record.stage_failed(name, err)
             raise
         result.stage = name

@@ -7,11 +7,36 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A local model path that does not exist (transformers would take it for a Hub id and say so)."""
+
+
+class RefusedWeightsError(OSError):
+    """A model folder whose weights are pickle files only: loading those can run arbitrary code."""
+
+
+def check_model_path(model_path: str, weights: bool) -> None:
+    """A path written as local (absolute, ./, ../, ~) must be a folder; a folder's weights (when `weights`)
+    must include safetensors. Anything else is a Hub id, left to transformers."""
+    path = Path(model_path).expanduser()
+    if not path.exists() and (path.is_absolute() or model_path.startswith((".", "~"))):
+        raise ModelNotFoundError(f"{model_path}: no such model folder")
+    if weights and path.is_dir() and not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        if pickled:
+            raise RefusedWeightsError(
+                f"{path}: refused {', '.join(pickled)}: only safetensors weights are loaded (pickle files can "
+                "run code); convert a model you trust with save_pretrained(..., safe_serialization=True)"
+            )
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_model_path(model_path, weights=False)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         # LLaMA tokenizers ship without a pad token; padding positions are masked, so EOS is a safe stand-in.
@@ -30,6 +55,7 @@ def load_model(
     """The base model, with a LoRA adapter applied when given (trainable or frozen)."""
     from transformers import AutoModelForCausalLM
 
+    check_model_path(model_path, weights=True)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
     )

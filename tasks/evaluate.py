@@ -10,6 +10,7 @@ from alma_r.config import RunConfig, config_base_dir, resolve_path
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.readers import IngestError, read_lines
 from alma_r.data.schemas import EVAL_RESULTS, HYPOTHESES, SCORES, SEGMENTS
+from alma_r.models import progress
 from alma_r.models.evaluate.significance import sacrebleu_paired_bs, segment_paired_bs
 from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer, pick_device
@@ -95,7 +96,9 @@ def score_systems(
     for i, r in enumerate(tests):
         groups[(r["origin"], r["lp"])].append(i)
     results, hyp_rows, segment_rows = [], [], []
-    for (test_set, lp), idx in sorted(groups.items()):
+    # Corpus scores are quick; paired bootstrap and COMET metrics on full test sets are not.
+    progress.report(0, len(groups), "evaluate scoring", unit="test set")
+    for done, ((test_set, lp), idx) in enumerate(sorted(groups.items()), start=1):
         covering = {
             name: [hyps[i] for i in idx]
             for name, hyps in systems.items()
@@ -169,6 +172,7 @@ def score_systems(
                         "p_value": p,
                     }
                 )
+        progress.report(done, len(groups), "evaluate scoring", unit="test set")
     return results, hyp_rows, segment_rows
 
 

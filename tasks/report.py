@@ -1,197 +1,190 @@
 """Stage 7, report: the run's evidence -> report.md and a self-contained report.html (plots inlined), the
 results plots, and the trained model folder with its model card (report/model/README.md); report.md is also
-written at the run folder's top."""
+written at the run folder's top.
+
+report.md opens with one screen that answers a new user's questions (what was run, the headline baseline-vs-CPO
+table, stage times and what was cached, what to worry about, where to look next); the detailed sections follow.
+"""
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import os
-import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import yaml
 
 from alma_r.config import RunConfig
-from alma_r.data.io import read_rows, save_dir_atomic, save_figure_atomic, write_text_atomic
-from alma_r.data.schemas import EVAL_RESULTS, SCORES
+from alma_r.data.io import read_rows, save_dir_atomic, write_text_atomic
+from alma_r.data.schemas import EVAL_RESULTS, HYPOTHESES, SCORES
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.shared.markdown_html import markdown_to_html
+from alma_r.tasks.shared.report_sections import (
+    SIGNIFICANT,
+    headline_section,
+    markdown_table,
+    plot_results,
+    preference_section,
+    results_section,
+    scoring_section,
+    training_section,
+)
+
+REPORT_DIR = "report"  # the stage's folder in the run folder (report_key)
+SMOKE_TEST = (
+    "**Smoke-test model.** `model.base: tiny` is a tiny LLaMA built locally to run every stage on a CPU in "
+    "minutes: its BLEU is near zero by design, so these numbers show that the pipeline works, not what CPO does "
+    "for translation (`configs/alma-13b-r.yaml` is the paper's recipe)."
+)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+def recorded_inputs(run_dir: Path) -> tuple[str | None, list[str]]:
+    """The config file and overrides the flow run recorded in run.json (none when the stage runs on its own)."""
+    try:
+        run = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None, []
+    return run.get("config_path"), list(run.get("overrides") or [])
 
 
-METRIC_ORDER = ["kiwi_22", "kiwi_xxl", "xcomet_xxl", "comet_22", "bleu", "chrf"]
-METRIC_NAMES = {
-    "kiwi_22": "KIWI-22",
-    "kiwi_xxl": "KIWI-XXL",
-    "xcomet_xxl": "XCOMET-XXL",
-    "comet_22": "COMET-22",
-    "bleu": "BLEU",
-    "chrf": "chrF",
-}
-SIGNIFICANT = 0.05
+def data_line(by_name: dict[str, StageResult]) -> str:
+    """Segments per split and direction, generation sources, preference pairs and training steps."""
+    ingest = by_name["ingest"].counts
+    splits: dict[str, list[str]] = {}
+    for name, n in ingest.items():
+        if "/" in name:  # "train/de-en": segments of one split and direction
+            splits.setdefault(name.split("/")[0], []).append(f"{name.split('/', 1)[1]} {n:,}")
+    shown = "; ".join(f"{split}: {', '.join(lps)}" for split, lps in splits.items())
+    text = f"{ingest.get('segments', 0):,} segments ({shown})"
+    text += f"; {by_name['generate'].counts.get('sources', 0):,} sources translated for candidates"
+    text += f"; {by_name['select'].counts.get('pairs', 0):,} preference pairs"
+    train = by_name["train"].counts
+    text += f"; CPO: {train.get('steps', 0)} steps on {train.get('pairs_used', 0):,} pairs"
+    if "sft" in by_name:
+        sft = by_name["sft"].counts
+        text += f" after SFT: {sft.get('steps', 0)} steps on {sft.get('pairs_used', 0):,} pairs"
+    return text + "."
 
 
-def _metrics(results: list[dict]) -> list[str]:
-    present = {r["metric"] for r in results}
-    return [m for m in METRIC_ORDER if m in present] + sorted(present - set(METRIC_ORDER))
-
-
-def results_section(results: list[dict]) -> str:
-    """Per test set and metric: systems x directions with the gain over the baseline, a dagger where the paired
-    bootstrap p-value is below 0.05, and the paper's xx->en / en->xx averages."""
-    by = {(r["test_set"], r["lp"], r["system"], r["metric"]): r for r in results}
-    out = []
-    for test_set in sorted({r["test_set"] for r in results}):
-        lps = sorted({r["lp"] for r in results if r["test_set"] == test_set})
-        systems = list(dict.fromkeys(r["system"] for r in results if r["test_set"] == test_set))
-        n = {
-            lp: next(r["n_segments"] for r in results if r["test_set"] == test_set and r["lp"] == lp)
-            for lp in lps
-        }
-        for metric in _metrics([r for r in results if r["test_set"] == test_set]):
-            rows = []
-            for system in systems:
-                cells = [system]
-                for lp in lps:
-                    r, base = (
-                        by.get((test_set, lp, system, metric)),
-                        by.get((test_set, lp, "baseline", metric)),
-                    )
-                    if r is None:
-                        cells.append("–")
-                        continue
-                    mark = "†" if r["p_value"] is not None and r["p_value"] < SIGNIFICANT else ""
-                    gain = (
-                        f" ({r['score'] - base['score']:+.2f})"
-                        if base is not None and system != "baseline"
-                        else ""
-                    )
-                    cells.append(f"{r['score']:.2f}{mark}{gain}")
-                for side in ("-en", "en-"):  # the paper's two averages: xx->en, then en->xx
-                    chosen = [
-                        lp for lp in lps if (lp.endswith(side) if side == "-en" else lp.startswith(side))
-                    ]
-                    vals = [by.get((test_set, lp, system, metric)) for lp in chosen]
-                    cells.append(
-                        f"{sum(v['score'] for v in vals) / len(vals):.2f}"
-                        if chosen and None not in vals
-                        else "–"
-                    )
-                rows.append(cells)
-            header = ["system", *[f"{lp} (n={n[lp]})" for lp in lps], "avg xx→en", "avg en→xx"]
-            out.append(f"### {test_set}: {METRIC_NAMES.get(metric, metric)}\n\n{_table(header, rows)}")
-    out.append(
-        f"† the difference to `baseline` is significant (paired bootstrap, p < {SIGNIFICANT}); in "
-        "parentheses the gain over `baseline`. COMET metrics are segment means x 100."
-    )
-    signatures = sorted({r["signature"] for r in results})
-    out.append("Signatures:\n\n" + "\n".join(f"- `{s}`" for s in signatures))
-    return "\n\n".join(out)
-
-
-def plot_results(results: list[dict], segment_scores: list[dict], out_dir: Path) -> list[Path]:
-    """Per-direction bars for each metric, and the distribution of segment chrF per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for metric in _metrics(results):
-        rows = [r for r in results if r["metric"] == metric]
-        groups = sorted({(r["test_set"], r["lp"]) for r in rows})
-        systems = list(dict.fromkeys(r["system"] for r in rows))
-        by = {(r["test_set"], r["lp"], r["system"]): r["score"] for r in rows}
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 3.6))
-        width = 0.8 / len(systems)
-        for k, system in enumerate(systems):
-            xs = [i + k * width for i in range(len(groups))]
-            ax.bar(xs, [by.get((t, lp, system), 0.0) for t, lp in groups], width, label=system)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [f"{t}\n{lp}" for t, lp in groups])
-        ax.set_ylabel(METRIC_NAMES.get(metric, metric))
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        paths.append(save_figure_atomic(fig, out_dir / f"bars_{metric}.png"))
-    chrf = [r for r in segment_scores if r["metric"] == "chrf"]
-    if chrf:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        for system in dict.fromkeys(r["system"] for r in chrf):
-            ax.hist([r["score"] for r in chrf if r["system"] == system], bins=25, alpha=0.5, label=system)
-        ax.set_xlabel("segment chrF")
-        ax.set_ylabel("segments")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(save_figure_atomic(fig, out_dir / "distribution_chrf.png"))
-    return paths
-
-
-def scoring_section(counts: dict) -> str:
-    """Per metric: requests, distinct requests, and how many the model scored vs the cache answered."""
-    metrics = sorted({k.split("/")[0] for k in counts if k.endswith("/requests")})
-    rows = [
-        [
-            m,
-            str(counts[f"{m}/requests"]),
-            str(counts[f"{m}/distinct"]),
-            str(counts[f"{m}/scored"]),
-            str(counts[f"{m}/from_cache"]),
-        ]
-        for m in metrics
-    ]
-    return _table(["metric", "requests", "distinct", "scored", "from cache"], rows)
-
-
-def preference_section(stats: dict) -> str:
-    systems = sorted({s for e in stats["by_lp"].values() for s in e["chosen"] | e["rejected"]})
-    rows = []
-    for lp, e in stats["by_lp"].items():
-        rows.append(
-            [lp, str(e["pairs"])]
-            + [
-                f"{100 * e['chosen'].get(s, 0) / e['pairs']:.1f}% / "
-                f"{100 * e['rejected'].get(s, 0) / e['pairs']:.1f}%"
-                for s in systems
-            ]
-        )
-    dropped = ", ".join(f"{k}: {v}" for k, v in sorted(stats["dropped"].items())) or "none"
+def stages_line(stages: list[StageResult]) -> str:
+    """Stage times and which stages were reused; a cached stage's seconds are those of the run that computed it."""
+    parts = [f"{s.stage} {s.seconds:.1f}" + (" (cached)" if s.cached else "") for s in stages]
+    computed = [s for s in stages if not s.cached]
     return (
-        f"{stats['pairs']} pairs; dropped sources by reason: {dropped}.\n\n"
-        "Share of chosen / rejected translations by system:\n\n"
-        + _table(["direction", "pairs", *systems], rows)
+        "Stages (seconds): " + " · ".join(parts) + f". {len(stages) - len(computed)} of {len(stages)} reused "
+        f"from an earlier run (cached), {len(computed)} computed by this one in "
+        f"{sum(s.seconds for s in computed):.1f} s."
     )
 
 
-def training_section(metrics_path: Path, summary: dict, curves: str | None) -> str:
-    records = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    last = records[-1] if records else {}
-    text = (
-        f"{summary['steps']} optimizer steps on {summary['pairs_used']} pairs "
-        f"({summary['trainable_parameters']:,} trainable parameters, {summary['device']}); "
-        f"skipped by length: {summary['skipped']}."
-    )
-    if last:
-        text += (
-            f" Last logged step: loss {last['loss']:.4f}, NLL {last['nll_loss']:.4f}, "
-            f"reward margin {last['rewards/margins']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}."
+def run_warnings(
+    cfg: RunConfig, by_name: dict[str, StageResult], stats: dict, hypotheses: list[dict]
+) -> list[str]:
+    """What a user should look at: inputs skipped as too long, sources that gave no pair, empty hypotheses."""
+    out = []
+    for stage, limit in (("sft", "sft.max_length"), ("train", "train.max_length")):
+        counts = by_name[stage].counts if stage in by_name else {}
+        if skipped := counts.get("skipped_prompt_too_long", 0) + counts.get("skipped_too_long", 0):
+            out.append(f"{stage}: {skipped:,} training pairs skipped as too long (prompt or `{limit}`).")
+    generate = by_name["generate"].counts
+    for name, n in generate.items():
+        if name.endswith("/skipped_prompt_too_long") and n:
+            out.append(
+                f"generate: `{name.split('/')[0]}` skipped {n:,} of {generate.get('sources', 0):,} sources whose "
+                f"prompt exceeds `generate.max_prompt_tokens` ({cfg.generate.max_prompt_tokens})."
+            )
+    if stats["dropped"]:
+        dropped = ", ".join(f"{k}: {v:,}" for k, v in sorted(stats["dropped"].items()))
+        out.append(f"select: {sum(stats['dropped'].values()):,} sources gave no preference pair ({dropped}).")
+    evaluate = by_name["evaluate"].counts
+    too_long = {k.split("/")[0]: v for k, v in evaluate.items() if k.endswith("/prompt_too_long") and v}
+    for system, n in too_long.items():
+        out.append(
+            f"evaluate: {n:,} test prompts of `{system}` exceed `evaluate.max_prompt_tokens` "
+            f"({cfg.evaluate.max_prompt_tokens}): empty hypotheses, counted, never cut."
         )
-    if curves:
-        text += f"\n\n![training curves]({curves})"
-    return text
+    empty = Counter(h["system"] for h in hypotheses if not h["hypothesis"].strip())
+    total = Counter(h["system"] for h in hypotheses)
+    for system, n in empty.items():
+        if n > too_long.get(system, 0):
+            out.append(
+                f"evaluate: `{system}` produced {n - too_long.get(system, 0):,} empty hypotheses of "
+                f"{total[system]:,} (scored as such)."
+            )
+    if by_name["train"].counts.get("resumed_from"):
+        out.append(f"train: resumed from the checkpoint of step {by_name['train'].counts['resumed_from']}.")
+    return out
+
+
+def first_screen(
+    cfg: RunConfig, run_dir: Path, stages: list[StageResult], plots: list[Path], base: Path
+) -> str:
+    """The report's top: what was run, the headline table, stage times, warnings, links (relative to `base`)."""
+    by_name = {s.stage: s for s in stages}
+    results = read_rows(by_name["evaluate"].path("eval"), EVAL_RESULTS)
+    stats = json.loads(by_name["select"].path("stats").read_text())
+    config_path, overrides = recorded_inputs(run_dir)
+    hypotheses = read_rows(by_name["evaluate"].path("hypotheses"), HYPOTHESES)
+    trained = by_name["train"].outputs
+    folder = trained.get("merged") or trained.get("adapter") or trained.get("model")
+    shown = ", ".join(f"`{o}`" for o in overrides) or "none"
+    what = [
+        f"- Config: `{config_path or '(not recorded)'}`; overrides: {shown}; seed {cfg.run.seed}.",
+        f"- Model: base `{cfg.model.base}`"
+        + (f" + adapter `{cfg.model.adapter}`" if cfg.model.adapter else "")
+        + f"; CPO loss `{cfg.train.loss_type}`, beta {cfg.train.beta}, NLL weight {cfg.train.cpo_alpha}, "
+        f"LoRA r={cfg.train.lora.r} on {cfg.train.lora.target_modules}; trained: "
+        f"`{os.path.relpath(folder, base) if folder and Path(folder).exists() else folder}`.",
+        f"- Data: {data_line(by_name)}",
+        f"- {stages_line(stages)}",
+    ]
+    warnings = run_warnings(cfg, by_name, stats, hypotheses)
+    parts = [
+        f"# alma-r report: {cfg.run.name}",
+        SMOKE_TEST if cfg.model.base == "tiny" else "",
+        "\n".join(what),
+        "## Headline: baseline → CPO",
+        headline_section(results),
+        f"`baseline` is the model before CPO, `cpo` the same model with the trained adapter (evaluation: beam "
+        f"{cfg.evaluate.num_beams}); † the difference is significant (paired bootstrap, p < {SIGNIFICANT}). "
+        "Every system, the averages and the signatures: Results below.",
+        "## Warnings",
+        "\n".join(f"- {w}" for w in warnings) if warnings else "None: nothing skipped, dropped or empty.",
+        "## Where to look next",
+        "\n".join(
+            f"- [{name}]({os.path.relpath(path, base)})"
+            for name, path in report_links(run_dir, stages, plots)
+        ),
+    ]
+    return "\n\n".join(p for p in parts if p)
+
+
+def report_links(run_dir: Path, stages: list[StageResult], plots: list[Path]) -> list[tuple[str, Path]]:
+    """Where to look next: the HTML page, the plots, the training curves, the model card and run.json."""
+    by_name = {s.stage: s for s in stages}
+    report = Path(run_dir) / REPORT_DIR
+    links = [("report.html: this report, plots inlined", report / "report.html")]
+    links += [(f"plot: {p.stem}", Path(p)) for p in plots]
+    sft = by_name.get("sft")
+    if sft and "metrics" in sft.outputs and (sft.path("metrics").parent / "curves.png").is_file():
+        links.append(("SFT curves", sft.path("metrics").parent / "curves.png"))
+    if "curves" in by_name["train"].outputs:
+        links.append(("CPO training curves", by_name["train"].path("curves")))
+    if by_name["select"].outputs.get("margins_plot"):
+        links.append(("preference margins", by_name["select"].path("margins_plot")))
+    links.append(("model card", report / "model" / "README.md"))
+    links.append(("run.json: every stage", Path(run_dir) / "run.json"))
+    return links
 
 
 def render_report(
     cfg: RunConfig, run_dir: Path, stages: list[StageResult], plots: list[Path], base: Path
 ) -> str:
-    """report.md; image links are relative to `base`, the folder the file is written to."""
+    """report.md: the first screen, then the detailed sections; links are relative to `base`, the folder the
+    file is written to."""
     by_name = {s.stage: s for s in stages}
 
     def link(path) -> str:
@@ -203,17 +196,12 @@ def render_report(
     summary = json.loads(train.path("summary").read_text())
     counts = by_name["evaluate"].counts
     too_long = {k: v for k, v in counts.items() if k.endswith("prompt_too_long") and v}
-    timing = _table(
+    timing = markdown_table(
         ["stage", "cached", "seconds"], [[s.stage, str(s.cached).lower(), f"{s.seconds:.1f}"] for s in stages]
     )
     margins = by_name["select"].outputs.get("margins_plot")
     parts = [
-        f"# alma-r report: {cfg.run.name}",
-        f"Base model `{cfg.model.base}`"
-        + (f" + adapter `{cfg.model.adapter}`" if cfg.model.adapter else "")
-        + f"; CPO loss `{cfg.train.loss_type}`, beta {cfg.train.beta}, NLL weight {cfg.train.cpo_alpha}, "
-        f"LoRA r={cfg.train.lora.r} on {cfg.train.lora.target_modules}. Evaluation: beam {cfg.evaluate.num_beams}. "
-        "`baseline` is the model before CPO, `cpo` the same model with the trained adapter.",
+        first_screen(cfg, run_dir, stages, plots, base),
         "## Results",
         results_section(results),
         ("Prompts over the length limit (empty hypothesis, counted, never cut): " + json.dumps(too_long))
@@ -234,60 +222,6 @@ def render_report(
         timing,
     ]
     return "\n\n".join(p for p in parts if p) + "\n"
-
-
-def markdown_to_html(markdown: str, base: Path, title: str) -> str:
-    """A self-contained page from our report's markdown subset (headings, paragraphs, lists, pipe tables, images,
-    `code`): images are inlined as data URIs, so the page loads nothing from anywhere."""
-
-    def inline(text: str) -> str:
-        text = html.escape(text)
-        return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-
-    out, lines, i = [], markdown.splitlines(), 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("!["):
-            alt, src = re.match(r"!\[(.*?)\]\((.*?)\)", line).groups()
-            data = base64.b64encode((base / src).read_bytes()).decode()
-            out.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>')
-        elif line.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append([c.strip() for c in lines[i].strip("|").split("|")])
-                i += 1
-            head, body = rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("-: ")]
-            out.append(
-                "<table><thead><tr>"
-                + "".join(f"<th>{inline(c)}</th>" for c in head)
-                + "</tr></thead><tbody>"
-                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                + "</tbody></table>"
-            )
-            continue
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-        i += 1
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-        "code{background:#f4f4f4;padding:1px 3px}"
-    )
-    return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
-    )
 
 
 def model_card(cfg: RunConfig, stages: list[StageResult], results: list[dict]) -> str:
@@ -358,7 +292,7 @@ def run_report(cfg: RunConfig, run_dir: Path, stages: list[StageResult], out_dir
 def report_key(cfg: RunConfig, run_dir: Path, stages: list[StageResult]) -> StageKey:
     sections = cfg.section_hash("model", "train", "evaluate", "ingest")
     key = stage_key("report", sections, stages, extra=[cfg.run.name, cfg.run.seed], module=__name__)
-    return StageKey("report", Path(run_dir) / "report", key)
+    return StageKey("report", Path(run_dir) / REPORT_DIR, key)
 
 
 def report_stage(cfg: RunConfig, run_dir: Path, stages: list[StageResult]) -> StageResult:

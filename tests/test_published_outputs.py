@@ -66,7 +66,7 @@ def test_published_alma_13b_r_scores_equal_sacrebleu_cli(lp):
 
 @needs_published_outputs
 def test_report_table_lists_published_scores_and_signatures():
-    from alma_r.tasks.report import results_section
+    from alma_r.tasks.shared.report_sections import results_section
 
     results = []
     for lp in sorted(README):

@@ -130,14 +130,14 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_d
     - the loss of every step (rel 1e-5): a process training on the other's share of the step, or a loss
       normalised by each process's own pairs (two means summed: twice the loss), shows here;
     - the gradient's norm before clipping, every step: a gradient scaled by the process count shows only here
-      (DDP averages the processes' gradients and the recipe multiplies each loss by the world size; drop either,
-      or normalise per process, and the gradient halves or doubles), because AdamW and clipping are invariant
-      to the gradient's scale, so neither the weights nor the losses would move;
+      (DDP averages the processes' gradients and the recipe multiplies each loss by the world size; drop
+      either, or normalise per process, and the gradient halves or doubles), because AdamW and clipping are
+      invariant to the gradient's scale, so neither the weights nor the losses would move;
     - the saved adapters, by the loss they reach on all the pairs (rel 1e-5): the last update is in no logged
       loss. Not element by element: lora_B starts at zero and Adam's first step moves each element by
       lr * g / (|g| + eps), so the few elements whose gradient is ~1e-8 (as small as eps) get a size and sign
-      that summation order decides (an all-reduce of two halves vs one batch; the CPU's kernels), up to 2 x the
-      summed learning rate apart, while the loss barely feels them (their gradient is ~0).
+      that summation order decides (an all-reduce of two halves vs one batch; the CPU's kernels), up to 2 x
+      the summed learning rate apart, while the loss barely feels them (their gradient is ~0).
     """
     from alma_r.models.train.recipe import CPORecipe
     from alma_r.models.train.settings import TrainSettings

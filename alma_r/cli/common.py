@@ -1,4 +1,5 @@
-"""The arguments every flow-running command shares: a config file, `--set` overrides, `--force` stages."""
+"""The arguments every flow-running command shares: a config file, `--set` overrides, `--force` stages,
+`--debug`."""
 
 from __future__ import annotations
 
@@ -23,6 +24,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, example: str, force: b
             metavar="STAGE",
             help="recompute this stage (repeatable; all)",
         )
+    add_debug_argument(parser, default=argparse.SUPPRESS)
+
+
+def add_debug_argument(parser: argparse.ArgumentParser, default=False) -> None:
+    """`--debug`, before the command (`alma-r --debug run ...`) or after it; the sub-command's default is
+    SUPPRESS, so that it does not undo a `--debug` given before the command."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="print the traceback of an expected failure too (a run's log file, <run>/logs/alma-r.log, has "
+        "it anyway) and Prefect's tracebacks as it logs them",
+    )
 
 
 def add_command(sub, name: str, summary: str, doc: str, handler) -> argparse.ArgumentParser:

@@ -67,7 +67,7 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     from alma_r.data.schemas import EVAL_RESULTS, HYPOTHESES, SCORES
     from alma_r.models.score.cache import ScoreCache
     from alma_r.tasks.evaluate import score_systems, translate_test_sets
-    from alma_r.tasks.report import results_section
+    from alma_r.tasks.shared.report_sections import results_section
     from alma_r.tasks.shared.scoring import make_scorer
 
     out = Path(args.output)

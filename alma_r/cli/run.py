@@ -1,10 +1,13 @@
-"""`alma-r run` (the whole build-alma-r flow, in-process) and `alma-r check-config` (validate, print resolved)."""
+"""`alma-r run` (the whole build-alma-r flow, in-process) and `alma-r check-config` (validate, print resolved).
+
+A failure ends `alma-r run` with one line and its kind's exit status (alma_r/cli/failure_report.py); the
+traceback is in `<run>/logs/alma-r.log`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from alma_r.cli.common import add_config_arguments
 
@@ -18,28 +21,23 @@ def add_run_parsers(sub) -> None:
     check.set_defaults(handler=check_config)
 
 
-def _load(args: argparse.Namespace):
-    from alma_r.config import ConfigError, load_config
-
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"alma-r: config error: {err}", file=sys.stderr)
-        return None
-
-
 def check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if cfg is None:
-        return 2
+    from alma_r.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a ConfigError: one line, exit status 2 (cli main)
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))
     return 0
 
 
 def run_flow(args: argparse.Namespace) -> int:
-    if _load(args) is None:
-        return 2
-    from alma_r.flows.build_alma_r import build_alma_r
+    from alma_r.cli.failure_report import run_log
+    from alma_r.config import load_config
 
-    build_alma_r(config_path=args.config, overrides=args.overrides, force=args.force)
+    cfg = load_config(args.config, args.overrides)  # checked before Prefect starts: a typo fails at once
+    from alma_r.flows.build_alma_r import STAGES, build_alma_r
+    from alma_r.flows.steps import forced_stages, run_dir_for
+
+    forced_stages(args.force, STAGES)  # an unknown stage too
+    with run_log(run_dir_for(cfg), args.debug, args.command_line) as args.log_file:
+        build_alma_r(config_path=args.config, overrides=args.overrides, force=args.force)
     return 0

@@ -2,13 +2,13 @@
 
     alma-r sequence-run --config configs/sequence-cpo/dolly-tiny.yaml [--set train.max_steps=20] [--force train]
 
-The config is alma_r/config/sequence.py's SequenceRunConfig; a config error exits with status 2.
+The config is alma_r/config/sequence.py's SequenceRunConfig. A failure ends with one line and its kind's exit
+status (a config error: 2; `alma-r --help` lists them all); the traceback is in `<run>/logs/alma-r.log`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from alma_r.cli.common import add_command, add_config_arguments
 
@@ -22,15 +22,14 @@ def add_sequence_run_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_sequence_run_cli(args: argparse.Namespace) -> int:
-    from alma_r.config import ConfigError
+    from alma_r.cli.failure_report import run_log
     from alma_r.config.sequence import load_sequence_config
 
-    try:
-        load_sequence_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"alma-r: config error: {err}", file=sys.stderr)
-        return 2
-    from alma_r.flows.sequence_cpo import sequence_cpo
+    cfg = load_sequence_config(args.config, args.overrides)  # checked before Prefect starts
+    from alma_r.flows.sequence_cpo import STAGES, sequence_cpo
+    from alma_r.flows.steps import forced_stages, run_dir_for
 
-    sequence_cpo(config_path=args.config, overrides=args.overrides, force=args.force)
+    forced_stages(args.force, STAGES)  # an unknown stage too
+    with run_log(run_dir_for(cfg), args.debug, args.command_line) as args.log_file:
+        sequence_cpo(config_path=args.config, overrides=args.overrides, force=args.force)
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from alma_r.models import progress
 from alma_r.models.prompts import postprocess
@@ -65,7 +64,8 @@ def generate_translations(
     )
     if decoding.do_sample:
         kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
-    for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+    progress.report(0, len(todo), desc, unit="sentence")  # the rate counts from here
+    for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         input_ids, attention_mask = _left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
         out = model.generate(
@@ -74,5 +74,5 @@ def generate_translations(
         new_tokens = out[:, input_ids.shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
             outputs[i] = postprocess(text)
-        progress.report(start + len(idx), len(todo), desc)
+        progress.report(start + len(idx), len(todo), desc, unit="sentence")
     return outputs

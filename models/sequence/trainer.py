@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from alma_r.data.io import save_dir_atomic, write_json_atomic
+from alma_r.models import progress
 from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.sequence.losses import best_of_k_loss, plackett_luce_loss
 from alma_r.models.sequence.negatives import draw_negatives
@@ -146,7 +146,8 @@ class SequenceCPORecipe:
                 self.s.embedding_model or self.model_path, self.trust_remote_code, device=self.device
             )
         self.batches = []
-        for step in tqdm(range(self.s.max_steps), desc="negatives + reference", unit="step", disable=None):
+        progress.report(0, self.s.max_steps, "sequence-cpo negatives + reference", unit="step")
+        for step in range(self.s.max_steps):
             idx = self._step_indices(step)
             rows = [self.examples[i] for i in idx]
             negatives = draw_negatives(
@@ -170,6 +171,7 @@ class SequenceCPORecipe:
                     [decode(c[0]) for c in completions], [[decode(n) for n in c[1:]] for c in completions]
                 )
             self.batches.append(StepBatch(idx, completions, ref.detach().cpu(), ranking))
+            progress.report(step + 1, self.s.max_steps, "sequence-cpo negatives + reference", unit="step")
         self.reference_seconds = time.perf_counter() - t0
         self.model.train()
 
@@ -213,9 +215,7 @@ class SequenceCPORecipe:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         micro = self.s.micro_batch_size or self.s.batch_size
         with open(self.metrics_path, "a", encoding="utf-8") as log_file:
-            bar = tqdm(
-                total=self.s.max_steps, initial=self.step, desc="sequence CPO", unit="step", disable=None
-            )
+            progress.report(self.step, self.s.max_steps, "sequence-cpo step", unit="step")
             while self.step < self.s.max_steps:
                 t0 = time.perf_counter()
                 batch = self.batches[self.step]
@@ -234,7 +234,8 @@ class SequenceCPORecipe:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                bar.update(1)
+                loss = torch.cat(losses).mean().item()
+                progress.report(self.step, self.s.max_steps, "sequence-cpo step", unit="step", loss=loss)
                 if self.step % self.s.logging_steps == 0 or self.step == self.s.max_steps or self.step == 1:
                     record = self._record(torch.cat(rewards), torch.cat(losses), torch.cat(gt_logps))
                     record.update(
@@ -242,7 +243,6 @@ class SequenceCPORecipe:
                     )
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
-            bar.close()
         return self
 
     def _record(self, rewards: torch.Tensor, losses: torch.Tensor, gt_logps: torch.Tensor) -> dict:

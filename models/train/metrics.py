@@ -1,5 +1,5 @@
-"""What a training run logs: the per-step record written to metrics.jsonl (TRL's metric names), reading the file
-back, and the training curves drawn from it."""
+"""What a training run logs: the per-step record written to metrics.jsonl (TRL's metric names), the numbers of
+the terminal's progress line, reading the file back, and the training curves drawn from it."""
 
 from __future__ import annotations
 
@@ -57,6 +57,15 @@ def step_record(
         "tokens_per_second": tokens / seconds,
         "pairs_per_second": n_pairs / seconds,
     }
+
+
+def progress_numbers(totals: dict[str, float], n_pairs: int, with_rejected: bool) -> dict[str, float]:
+    """What the terminal's progress line shows of a step (models/progress.py): the loss and, for a preference
+    loss, its NLL term and the mean reward margin (chosen - rejected), the first signs of a diverging run."""
+    if not with_rejected:  # sft: the loss is the NLL and there is no margin
+        return {"loss": totals["loss"]}
+    margin = (totals["chosen"] - totals["rejected"]) / n_pairs
+    return {"loss": totals["loss"], "nll": totals["nll"], "margin": margin}
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from alma_r.data.io import save_dir_atomic, write_json_atomic, write_text_atomic
 from alma_r.models import progress
@@ -34,7 +33,13 @@ from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.train.batching import collate, tokenize_pairs
 from alma_r.models.train.logprobs import CompletionLogps
 from alma_r.models.train.losses import preference_loss
-from alma_r.models.train.metrics import add_micro_batch, empty_totals, read_metrics, step_record
+from alma_r.models.train.metrics import (
+    add_micro_batch,
+    empty_totals,
+    progress_numbers,
+    read_metrics,
+    step_record,
+)
 from alma_r.models.train.schedules import build_scheduler
 from alma_r.models.train.settings import TrainSettings
 
@@ -309,13 +314,12 @@ class CPORecipe:
     def train(self) -> CPORecipe:
         self.model.train()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc=f"train ({self.s.loss_type})",
-            unit="step",
-            disable=None if self.is_main else True,
-        )  # a bar on a terminal, nothing in captured logs
+        # One progress mechanism (models/progress.py): a bar on a terminal, periodic lines in logs, the UI's
+        # artifact; only the main process reports, so data parallel runs print one line, not one per rank.
+        what = f"{'sft' if self.s.loss_type == 'sft' else 'train'} step"
+        started, pairs_done = time.perf_counter(), 0
+        if self.is_main:
+            progress.report(self.step, self.total_steps, what, unit="step")
         log_file = open(self.metrics_path, "a", encoding="utf-8") if self.is_main else None
         try:
             while self.step < self.total_steps:
@@ -324,10 +328,11 @@ class CPORecipe:
                 totals, tokens = self._train_step(step_idx)
                 grad_norm, lr = self._optimizer_step()
                 seconds = time.perf_counter() - t0
-                bar.update(1)
-                bar.set_postfix(loss=f"{totals['loss']:.4f}")
+                pairs_done += len(step_idx)
                 if self.is_main:
-                    progress.report(self.step, self.total_steps, "optimizer steps")
+                    numbers = progress_numbers(totals, len(step_idx), self.with_rejected)
+                    numbers["pairs/s"] = pairs_done / (time.perf_counter() - started)
+                    progress.report(self.step, self.total_steps, what, unit="step", **numbers)
                 if log_file and (self.step % self.s.logging_steps == 0 or self.step == self.total_steps):
                     self._log_step(log_file, totals, len(step_idx), grad_norm, lr, tokens, seconds)
                 if self.step % self.s.save_steps == 0 and self.step < self.total_steps:
@@ -335,7 +340,6 @@ class CPORecipe:
         finally:
             if log_file:
                 log_file.close()
-            bar.close()
         return self
 
     def _train_step(self, step_idx: list[int]) -> tuple[dict[str, float], int]:

@@ -9,18 +9,22 @@ computes or reuses them. `stage_task` turns that pair into a Prefect task:
   work inside one flow run and ignores edits to helper modules). The flow refreshes the record when the folder
   no longer holds valid outputs (deleted, damaged, forced), so a hit never hands on a dead path.
 - GPU stages run in a child process (`python -m alma_r.tasks.runtime.stage_process`), or as a flow run of a GPU
-  deployment, holding one slot of the global concurrency limit `run.gpu_limit`; their loops report progress
-  through a file that becomes a progress artifact.
+  deployment, holding one slot of the global concurrency limit `run.gpu_limit` when the server has it (a
+  local run without `alma-r setup` has none, and skips it silently); their loops report progress to the
+  terminal (a child inherits the parent's stderr) and through a file that becomes a progress artifact
+  (models/progress.py).
 - Retries only for transient failures (network, a preempted child), never for bad data or a bug.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,10 +41,13 @@ from prefect.cache_policies import CachePolicy
 
 from alma_r.config import RunConfig, config_to_json
 from alma_r.models.progress import ENV as PROGRESS_ENV
+from alma_r.tasks.runtime.failures import UNEXPECTED, Failure, failure_from_exit
 from alma_r.tasks.runtime.stage import StageKey, StageResult
 from alma_r.tasks.runtime.stage_process import encode, is_transient
 
 RETRIES = 2
+logger = logging.getLogger(__name__)
+_limits_found: dict[tuple[str, str], bool] = {}  # (server, limit name) -> exists
 
 
 @dataclass
@@ -56,9 +63,22 @@ class StageCachePolicy(CachePolicy):
 
 
 class StageProcessError(RuntimeError):
-    def __init__(self, message: str, transient: bool):
+    """A stage that failed in another process. `failure` is the child's own classification (kind, one-line
+    message; tasks/runtime/failures.py); the child's traceback is attached as a note, so that every traceback
+    of this error (the run's log, a worker's console) shows where the stage really failed."""
+
+    def __init__(
+        self,
+        message: str,
+        transient: bool,
+        failure: Failure | None = None,
+        child_traceback: str | None = None,
+    ):
         super().__init__(message)
         self.transient = transient
+        self.failure = failure
+        if child_traceback:
+            self.add_note(f"The stage process's traceback:\n{child_traceback.rstrip()}")
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -129,9 +149,18 @@ def run_in_child_process(name: str, request: dict, run_dir: Path, progress: Path
     if code == 0 and "result" in response:
         return StageResult(**response["result"])
     if "error" in response:
-        raise StageProcessError(f"[{name}] {response['error']}", transient=response["transient"])
+        raise StageProcessError(
+            f"[{name}] {response['error']}",
+            transient=response["transient"],
+            failure=Failure(response.get("kind", UNEXPECTED), response.get("message", response["error"])),
+            child_traceback=response.get("traceback"),
+        )
     # Killed by a signal (preempted, OOM killer) or died without a word: the stage may pass on another try.
-    raise StageProcessError(f"[{name}] stage process ended with exit code {code}", transient=code < 0)
+    raise StageProcessError(
+        f"[{name}] stage process ended with exit code {code}",
+        transient=code < 0,
+        failure=failure_from_exit(code),
+    )
 
 
 def run_on_deployment(name: str, request: dict, deployment: str) -> StageResult:
@@ -204,13 +233,46 @@ class ProgressArtifact:
         self.path.unlink(missing_ok=True)
 
 
-def run_gpu_stage(name: str, fn: Callable, cfg: RunConfig, run_dir: Path, args: tuple) -> StageResult:
-    """A GPU stage holds a slot of the `gpu` limit and runs away from the flow's process."""
+def concurrency_limit_exists(name: str) -> bool:
+    """Whether the Prefect server has the global concurrency limit `name`, asked once per server and process.
+    A server that does not answer counts as having it: Prefect's own acquisition then decides (and says why)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    server = PREFECT_API_URL.value() or "ephemeral"
+    if (server, name) not in _limits_found:
+        try:
+            with get_client(sync_client=True) as client:
+                client.read_global_concurrency_limit_by_name(name)
+            _limits_found[server, name] = True
+        except ObjectNotFound:
+            _limits_found[server, name] = False
+            logger.debug(
+                "no concurrency limit %r on %s (`alma-r setup` creates it): GPU stages run without one",
+                name,
+                server,
+            )
+        except Exception:
+            return True
+    return _limits_found[server, name]
+
+
+def gpu_slot(name: str):
+    """One slot of the concurrency limit `name` while a GPU stage runs. Without the limit (a local run, no
+    `alma-r setup`) nothing is acquired, silently: Prefect would warn on every stage that it skips it."""
     from prefect.concurrency.sync import concurrency
 
+    if not concurrency_limit_exists(name):
+        return contextlib.nullcontext()
+    return concurrency(name, occupy=1, strict=False)
+
+
+def run_gpu_stage(name: str, fn: Callable, cfg: RunConfig, run_dir: Path, args: tuple) -> StageResult:
+    """A GPU stage holds a slot of the `gpu` limit and runs away from the flow's process."""
     scratch_dir(run_dir).mkdir(parents=True, exist_ok=True)
     progress = scratch_dir(run_dir) / f"progress-{name}-{uuid.uuid4().hex[:8]}.json"
-    with concurrency(cfg.run.gpu_limit, occupy=1, strict=False), ProgressArtifact(name, progress):
+    with gpu_slot(cfg.run.gpu_limit), ProgressArtifact(name, progress):
         if not cfg.run.stage_processes:
             os.environ[PROGRESS_ENV] = str(progress)
             try:

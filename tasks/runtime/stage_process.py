@@ -3,7 +3,9 @@
     python -m alma_r.tasks.runtime.stage_process REQUEST.json RESPONSE.json
 
 The request names the stage function, the validated config and the upstream StageResults; the response holds
-the StageResult, or the error with whether it is transient (worth a retry). The same request runs a stage on
+the StageResult, or the error: whether it is transient (worth a retry), its kind and one-line message
+(tasks/runtime/failures.py) and its traceback. The child prints no traceback itself: the parent tells the
+operator in one line and keeps the traceback for the run's log. The same request runs a stage on
 another machine through the `alma-r-stage` flow (flows/stage_flow.py).
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from alma_r.config import config_from_json
 from alma_r.data.io import write_json_atomic
+from alma_r.tasks.runtime.failures import classify
 from alma_r.tasks.runtime.stage import StageResult
 
 # Errors worth retrying: the network or a service hiccuped; the same input may well succeed next time.
@@ -59,15 +62,17 @@ def main(request_path: str, response_path: str) -> int:
     try:
         result = run_request(request)
     except BaseException as err:
+        failure = classify(err)
         write_json_atomic(
             Path(response_path),
             {
                 "error": f"{type(err).__name__}: {err}",
                 "transient": is_transient(err),
+                "kind": failure.kind,
+                "message": failure.problem,
                 "traceback": traceback.format_exc(),
             },
         )
-        traceback.print_exc()
         return 1
     write_json_atomic(Path(response_path), {"result": result.to_json()})
     return 0

@@ -65,10 +65,11 @@ def score_items(
     cached = cache.get_many(list(requests))
     todo = [k for k in requests if k not in cached]
     fresh = {}
+    progress.report(0, len(todo), f"score {metric}", unit="request")  # the rate counts from here
     for start in range(0, len(todo), PROGRESS_BLOCK):
         block = todo[start : start + PROGRESS_BLOCK]
         fresh.update(zip(block, scorer.score([requests[k] for k in block]), strict=True))
-        progress.report(start + len(block), len(todo), f"{metric} requests")
+        progress.report(start + len(block), len(todo), f"score {metric}", unit="request")
     for key, result in fresh.items():
         if not math.isfinite(result.score):
             bad = [

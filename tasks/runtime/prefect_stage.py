@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,6 +184,9 @@ class ProgressArtifact:
     def __init__(self, name: str, path: Path):
         self.name, self.path = name, path
         self.stop = threading.Event()
+        # Held while an update is in flight: once __exit__ has set `stop` under it, no stale poll update can
+        # land after the final one (a slow API call on a busy machine outlived the join's timeout).
+        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.artifact = None
 
@@ -205,6 +209,12 @@ class ProgressArtifact:
             last = self._update(update_progress_artifact, last)
 
     def _update(self, update, last=None):
+        with self.lock:
+            if self.stop.is_set():  # the final state is __exit__'s to write
+                return last
+            return self._update_locked(update, last)
+
+    def _update_locked(self, update, last):
         try:
             state = json.loads(self.path.read_text())
             if state != last:
@@ -218,18 +228,21 @@ class ProgressArtifact:
             return last
 
     def __exit__(self, *exc):
-        self.stop.set()
+        with self.lock:
+            self.stop.set()
         if self.artifact is not None:
             from prefect.artifacts import update_progress_artifact
 
             self.thread.join(timeout=5)
-            try:
-                ended = "ended" if exc[0] is None else f"failed ({exc[0].__name__})"
-                update_progress_artifact(
-                    self.artifact, 100.0 if exc[0] is None else 0.0, description=f"{self.name}: {ended}"
-                )
-            except Exception:
-                pass
+            ended = "ended" if exc[0] is None else f"failed ({exc[0].__name__})"
+            for _attempt in range(3):  # the final state matters most: a busy API gets two more tries
+                try:
+                    update_progress_artifact(
+                        self.artifact, 100.0 if exc[0] is None else 0.0, description=f"{self.name}: {ended}"
+                    )
+                    break
+                except Exception:
+                    time.sleep(1.0)
         self.path.unlink(missing_ok=True)
 
 

@@ -15,7 +15,8 @@ from alma_r.cli import main
 from alma_r.cli.schema_args import _nested_model, _without_none, flag_name
 from alma_r.cli.train import add_train_parser, settings_from_args
 from alma_r.config import RunConfig, load_config
-from alma_r.models.train.settings import NOT_IN_FINGERPRINT, TrainSettings
+from alma_r.models.result_fields import non_result_fields
+from alma_r.models.train.settings import NOT_IN_CHECKPOINT, TrainSettings
 
 REQUIRED = ["--model", "m", "--data", "d.parquet", "--output", "out"]
 
@@ -163,7 +164,8 @@ def test_new_lora_only_for_finetune_lora_without_a_continued_adapter():
 
 def test_fingerprint_covers_the_maths_and_the_run_context_only():
     base = TrainSettings()
-    assert not NOT_IN_FINGERPRINT & set(base.identity())
+    assert set(non_result_fields(TrainSettings)) == {"save_steps", "logging_steps", "logits_chunk_size"}
+    assert not (NOT_IN_CHECKPOINT | set(non_result_fields(TrainSettings))) & set(base.identity())
     for name, value in {
         "save_steps": 7,
         "logging_steps": 3,

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 import alma_r.data
+from alma_r.models.result_fields import result_dump
 
 SAMPLE_PREFIX = "sample:"
 SAMPLE_DIR = Path(alma_r.data.__file__).resolve().parent / "sample"
@@ -31,9 +32,9 @@ def nearest_key(key: str, valid: list[str]) -> str:
 
 
 def sections_hash(config: BaseModel, *sections: str) -> str:
-    """A fingerprint of some sections of a config, for stage keys: a stage reruns when its own settings change.
-    An unset optional section counts as null."""
-    dumped = {s: getattr(config, s) and getattr(config, s).model_dump(mode="json") for s in sections}
+    """A fingerprint of some sections of a config, for stage keys: a stage reruns when its own settings change,
+    and only those that change a result (models/result_fields.py). An unset optional section counts as null."""
+    dumped = {s: getattr(config, s) and result_dump(getattr(config, s)) for s in sections}
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -14,6 +14,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from alma_r.config.base import Section, nearest_key, sections_hash
 from alma_r.data.languages import split_lp
 from alma_r.data.schemas import REFERENCE
+from alma_r.models.result_fields import NOT_A_RESULT
 from alma_r.models.train.settings import LoraSettings, TrainSettings
 
 
@@ -61,41 +62,58 @@ class SourceConfig(Section):
 
 
 class RunSection(Section):
-    name: str = Field("tiny", description="Run folder name: outputs go to <root>/<name>/.")
-    root: str = Field("runs", description="Folder holding run folders (relative to the working directory).")
+    name: str = Field(
+        "tiny", description="Run folder name: outputs go to <root>/<name>/.", json_schema_extra=NOT_A_RESULT
+    )
+    root: str = Field(
+        "runs",
+        description="Folder holding run folders (relative to the working directory).",
+        json_schema_extra=NOT_A_RESULT,
+    )
     seed: int = Field(42, description="Seed for every stage that samples.")
     stage_processes: bool = Field(
         True,
         description="Run the GPU stages (generate, score, train, evaluate) each in a child process: the GPU "
         "memory is returned when the stage ends (vLLM does not free it in-process) and a native crash cannot "
         "take the flow with it. Off only for debugging.",
+        json_schema_extra=NOT_A_RESULT,
     )
     gpu_limit: str = Field(
         "gpu",
         description="Prefect global concurrency limit every GPU stage holds a slot of while it runs "
         "(`alma-r setup` creates it; without it the stages run unguarded).",
+        json_schema_extra=NOT_A_RESULT,
     )
     stage_deployment: str | None = Field(
         None,
         description="Run each GPU stage as a flow run of this deployment (e.g. `alma-r-stage/gpu`) on a GPU work "
         "pool via run_deployment; the pool's machines must see run.root at the same path.",
+        json_schema_extra=NOT_A_RESULT,
     )
     shards: int = Field(
         1,
         ge=1,
         description="Split scoring into this many shards of segments, run in parallel by the task runner.",
+        json_schema_extra=NOT_A_RESULT,
     )
     task_runner: Literal["threads", "dask"] = Field(
-        "threads", description="What runs the shards: Prefect's thread pool or a Dask cluster (prefect-dask)."
+        "threads",
+        description="What runs the shards: Prefect's thread pool or a Dask cluster (prefect-dask).",
+        json_schema_extra=NOT_A_RESULT,
     )
     dask_address: str | None = Field(
-        None, description="Scheduler of an existing Dask cluster; unset: start a local one for the run."
+        None,
+        description="Scheduler of an existing Dask cluster; unset: start a local one for the run.",
+        json_schema_extra=NOT_A_RESULT,
     )
     dask_cluster_class: str = Field(
         "distributed.LocalCluster",
         description="Local cluster class; `dask_cuda.LocalCUDACluster` gives one worker per GPU.",
+        json_schema_extra=NOT_A_RESULT,
     )
-    dask_workers: int = Field(2, ge=1, description="Workers of the local cluster (one per GPU).")
+    dask_workers: int = Field(
+        2, ge=1, description="Workers of the local cluster (one per GPU).", json_schema_extra=NOT_A_RESULT
+    )
 
 
 class TinyModelConfig(Section):
@@ -155,13 +173,17 @@ class EndpointSection(Section):
     base_url: str = Field(description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     model: str = Field(description="The model name the server knows, e.g. gpt-4-0613.")
     api: Literal["chat", "completions"] = "chat"
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the key.")
-    api_key_secret: str | None = Field(
-        None, description="Prefect Secret block holding the key (wins if set)."
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the key.", json_schema_extra=NOT_A_RESULT
     )
-    max_concurrency: int = Field(4, ge=1)
-    max_retries: int = Field(6, ge=0)
-    timeout_s: float = Field(120.0, gt=0)
+    api_key_secret: str | None = Field(
+        None,
+        description="Prefect Secret block holding the key (wins if set).",
+        json_schema_extra=NOT_A_RESULT,
+    )
+    max_concurrency: int = Field(4, ge=1, json_schema_extra=NOT_A_RESULT)
+    max_retries: int = Field(6, ge=0, json_schema_extra=NOT_A_RESULT)
+    timeout_s: float = Field(120.0, gt=0, json_schema_extra=NOT_A_RESULT)
 
 
 class DecodingConfig(Section):
@@ -196,7 +218,9 @@ class DecodingConfig(Section):
     jsonl_field: str = Field("translation", description="file backend, jsonl: the field holding the text.")
     endpoint: EndpointSection | None = None
     vllm_python: str = Field(
-        ".venv-vllm/bin/python", description="vllm backend: the vLLM environment's python."
+        ".venv-vllm/bin/python",
+        description="vllm backend: the vLLM environment's python.",
+        json_schema_extra=NOT_A_RESULT,
     )
     tensor_parallel_size: int = Field(1, ge=1)
 
@@ -225,7 +249,12 @@ class GenerateSection(Section):
     max_prompt_tokens: int = Field(
         256, ge=8, description="Longer prompts are skipped and counted, never cut."
     )
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="Prompts per generate call (outputs do not depend on it).",
+        json_schema_extra=NOT_A_RESULT,
+    )
 
 
 class CometModel(Section):
@@ -258,11 +287,16 @@ class ScoreSection(Section):
         "or a name from comet_models (xcomet_xxl, kiwi_xxl, kiwi_22, comet_22, or your own).",
     )
     cache_path: str | None = Field(
-        None, description="SQLite score cache shared by runs; default <run.root>/_cache/scores.sqlite."
+        None,
+        description="SQLite score cache shared by runs; default <run.root>/_cache/scores.sqlite.",
+        json_schema_extra=NOT_A_RESULT,
     )
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, json_schema_extra=NOT_A_RESULT)
     processes: int = Field(
-        1, ge=0, description="COMET worker processes, one per GPU (0: one per visible GPU, at least one)."
+        1,
+        ge=0,
+        description="COMET worker processes, one per GPU (0: one per visible GPU, at least one).",
+        json_schema_extra=NOT_A_RESULT,
     )
 
     @field_validator("comet_models")
@@ -326,7 +360,7 @@ class EvaluateSection(Section):
     max_prompt_tokens_by_lp: dict[str, int] = Field(
         default_factory=dict, description="Per-direction limits, e.g. WMT'23 de-en paragraphs: {de-en: 1024}."
     )
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, json_schema_extra=NOT_A_RESULT)
     metrics: list[str] = Field(
         default_factory=lambda: ["bleu", "chrf"],
         description="bleu and chrf (corpus, sacreBLEU) and any COMET metric of score.comet_models (mean x 100; "

@@ -18,6 +18,7 @@ from alma_r.config.base import Section, sections_hash
 from alma_r.config.loading import load_config
 from alma_r.config.run import EndpointSection, ModelSection, RunSection, TinyModelConfig
 from alma_r.data.dolly import DollyConfig
+from alma_r.models.result_fields import NOT_A_RESULT
 from alma_r.models.sequence.settings import LrScheduler, NegativeMix, SequenceCPOHyperparameters
 
 
@@ -57,8 +58,13 @@ class MleSection(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_prompt_length: int = Field(256, ge=8, description="Longer prompts are skipped and counted.")
     max_length: int = Field(512, ge=16, description="Prompt + response tokens; longer examples are skipped.")
-    save_steps: int = Field(200, ge=1, description="Checkpoint every N steps (the stage resumes from it).")
-    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(
+        200,
+        ge=1,
+        description="Checkpoint every N steps (the stage resumes from it).",
+        json_schema_extra=NOT_A_RESULT,
+    )
+    logging_steps: int = Field(10, ge=1, json_schema_extra=NOT_A_RESULT)
 
     @model_validator(mode="after")
     def _lengths(self) -> MleSection:
@@ -79,7 +85,9 @@ class NegativesSection(NegativeMix, Section):
     temperature: float = Field(1.0, gt=0, description="AN: sampling temperature.")
     max_new_tokens: int = Field(128, ge=1, description="AN: longest sample.")
     max_prompt_tokens: int = Field(256, ge=8, description="AN: longer prompts get no samples (counted).")
-    batch_size: int = Field(16, ge=1, description="AN: prompts per generate call.")
+    batch_size: int = Field(
+        16, ge=1, description="AN: prompts per generate call.", json_schema_extra=NOT_A_RESULT
+    )
 
     def mix(self) -> NegativeMix:
         """The counts and share alone, as the trainer takes them."""

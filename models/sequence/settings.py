@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from alma_r.models.result_fields import NOT_A_RESULT
 from alma_r.models.train.settings import TrainSettings
 
 # The kinds of synthetic negatives (section 4.2), in the column order draw_negatives returns them.
@@ -86,7 +87,7 @@ class SequenceCPOHyperparameters(_Settings):
     max_grad_norm: float = Field(1.0, gt=0)
     max_prompt_length: int = Field(256, ge=8)
     max_length: int = Field(512, ge=16)
-    logging_steps: int = Field(10, ge=1)
+    logging_steps: int = Field(10, ge=1, json_schema_extra=NOT_A_RESULT)
 
     @model_validator(mode="after")
     def _consistent(self) -> SequenceCPOHyperparameters:

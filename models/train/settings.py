@@ -22,12 +22,15 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from alma_r.models.result_fields import NOT_A_RESULT, result_dump
+
 # Declared here rather than beside the losses so that the config can load without importing torch.
 LossType = Literal["sigmoid", "hinge", "ipo", "simpo", "dpo", "sft"]
 LOSS_TYPES = get_args(LossType)
 
-# Settings that do not change the maths of training: a checkpoint written under other values still resumes.
-NOT_IN_FINGERPRINT = frozenset({"save_steps", "logging_steps", "save_merged", "logits_chunk_size"})
+# Written beside the adapter, so part of the train stage's result, but no part of the training itself: a
+# checkpoint written under the other value still resumes. Fields marked NOT_A_RESULT are left out of both.
+NOT_IN_CHECKPOINT = frozenset({"save_merged"})
 
 
 class LoraSettings(BaseModel):
@@ -129,13 +132,24 @@ class TrainSettings(BaseModel):
     max_length: int = Field(
         512, ge=16, description="Prompt + completion tokens (paper: 512); longer pairs are skipped."
     )
-    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume point).")
-    logging_steps: int = Field(5, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
+    save_steps: int = Field(
+        50,
+        ge=1,
+        description="Checkpoint every N optimizer steps (resume point).",
+        json_schema_extra=NOT_A_RESULT,
+    )
+    logging_steps: int = Field(
+        5,
+        ge=1,
+        description="Write a metrics.jsonl line every N optimizer steps.",
+        json_schema_extra=NOT_A_RESULT,
+    )
     logits_chunk_size: int = Field(
         1024,
         ge=1,
         description="Completion positions projected to the vocabulary at a time: bounds the memory of the "
         "log-softmax, never changes its value.",
+        json_schema_extra=NOT_A_RESULT,
     )
 
     @model_validator(mode="after")
@@ -156,7 +170,7 @@ class TrainSettings(BaseModel):
     def identity(self, **context) -> dict:
         """The settings that change the maths of training, plus `context` (the run-level values that change it
         too: seed, dtype, trust_remote_code)."""
-        dumped = self.model_dump(mode="json", exclude=set(NOT_IN_FINGERPRINT))
+        dumped = {k: v for k, v in result_dump(self).items() if k not in NOT_IN_CHECKPOINT}
         return dumped | context
 
     def fingerprint(self, **context) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alma_r.data.io import write_text_atomic
-from alma_r.experiments.learning_check import machine
+from alma_r.experiments.learning_check_doc import machine
 
 if TYPE_CHECKING:
     from alma_r.experiments.sequence_cpo_check import CheckSizes, SeedResult

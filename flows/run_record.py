@@ -52,6 +52,11 @@ class RunRecord:
             "outputs": result.outputs,
             "counts": result.counts,
         }
+        if result.superseded:  # earlier outputs this run moved aside instead of deleting them
+            self.data["stages"][result.stage]["superseded"] = result.superseded
+            self.data.setdefault("superseded", []).extend(result.superseded)
+        if result.resumed:
+            self.data["stages"][result.stage]["resumed_under_new_code"] = result.resumed
         self.save()
 
     def stage_failed(self, stage: str, error: BaseException):

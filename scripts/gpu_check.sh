@@ -49,7 +49,7 @@ part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 if part learning; then
   cp docs/learning-check.md "$OUT/learning-check-default.md"
   cp docs/learning-check.md "$OUT/learning-check-avx2.md"
-  lc="python3 -m alma_r.cli learning-check --variant main --write-doc"
+  lc="python3 -P -m alma_r.cli learning-check --variant main --write-doc"
   CUDA_VISIBLE_DEVICES="" $lc --seeds 10 --jobs 10 --doc "$OUT/learning-check-default.md" \
     >"$OUT/learning-default.log" 2>&1 &
   default_pid=$!

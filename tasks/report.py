@@ -114,8 +114,17 @@ def run_warnings(
                 f"evaluate: `{system}` produced {n - too_long.get(system, 0):,} empty hypotheses of "
                 f"{total[system]:,} (scored as such)."
             )
-    if by_name["train"].counts.get("resumed_from"):
-        out.append(f"train: resumed from the checkpoint of step {by_name['train'].counts['resumed_from']}.")
+    train = by_name["train"]
+    if train.counts.get("resumed_from"):
+        written_by = train.counts.get("resumed_checkpoint_written_by")
+        under = f" (checkpoint written by {written_by})" if written_by else ""
+        out.append(f"train: resumed from the checkpoint of step {train.counts['resumed_from']}{under}.")
+    for result in by_name.values():
+        for aside in result.superseded:
+            out.append(
+                f"{result.stage}: the outputs of an earlier key were set aside, not deleted ({aside['why']}): "
+                f"`{aside['path']}` (`alma-r prune-cache` removes them)."
+            )
     return out
 
 

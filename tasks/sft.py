@@ -49,7 +49,13 @@ def run_sft(cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path)
         for r in rows
     ]
     recipe = CPORecipe(
-        sft_settings(cfg.sft), base_model, pairs, out_dir, adapter=cfg.model.adapter, **run_wide_settings(cfg)
+        sft_settings(cfg.sft),
+        base_model,
+        pairs,
+        out_dir,
+        adapter=cfg.model.adapter,
+        start_over_hint="rerun with `--force sft` to set the checkpoints aside and start over",
+        **run_wide_settings(cfg),
     )
     model_dir = recipe.setup().train().save(out_dir / "model")
     plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", "SFT warm-up")

@@ -10,7 +10,7 @@ from alma_r.data.schemas import PAIRS
 from alma_r.models.train.metrics import plot_curves, read_metrics
 from alma_r.models.train.recipe import CPORecipe
 from alma_r.tasks.runtime.prefect_stage import stage_task
-from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.runtime.stage import StageKey, StageResult, code_version, run_stage, stage_key
 from alma_r.tasks.shared.training import run_wide_settings, summary_counts
 
 
@@ -20,7 +20,16 @@ def run_train(
     pairs = read_rows(pairs_path, PAIRS)
     # cfg.train is the recipe's TrainSettings. Continuing an adapter (ALMA-R continues ALMA-13B-Pretrain-LoRA)
     # trains that adapter; else a new LoRA, or every weight with finetune: full.
-    recipe = CPORecipe(cfg.train, model_path, pairs, out_dir, adapter=adapter, **run_wide_settings(cfg))
+    recipe = CPORecipe(
+        cfg.train,
+        model_path,
+        pairs,
+        out_dir,
+        adapter=adapter,
+        start_over_hint="rerun with `--force train` to set the checkpoints aside and start over",
+        code_version=f"train stage code {code_version(__name__)}",
+        **run_wide_settings(cfg),
+    )
     recipe.setup().train()
     # A LoRA run yields an adapter for the policy's base model; a full fine-tune yields a whole model.
     kind = "adapter" if recipe.is_peft else "model"
@@ -34,7 +43,10 @@ def run_train(
     curves = plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", f"CPO ({cfg.train.loss_type})")
     if curves:
         outputs["curves"] = curves
-    return outputs, summary_counts(recipe.summary(), "pairs_used", "steps", "resumed_from")
+    counts = summary_counts(
+        recipe.summary(), "pairs_used", "steps", "resumed_from", "resumed_checkpoint_written_by"
+    )
+    return outputs, counts | {"code_version": f"train stage code {code_version(__name__)}"}
 
 
 def train_key(cfg: RunConfig, run_dir: Path, pairs: StageResult, policy: StageResult) -> StageKey:

@@ -176,3 +176,46 @@ def test_ui_artifacts_progress_tables_and_report(finished_run):
     assert all(float(a.data) == 100.0 for a in progress)
     keys = {a.key for a in artifacts if a.key}
     assert {"alma-r-train-metrics", "alma-r-eval-tiny", "alma-r-report-tiny", "alma-r-scores-tiny"} <= keys
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_changed_result_setting_sets_the_old_outputs_aside(finished_run):
+    """Last in this module: it retrains the shared run. train.beta changes the train key: the finished train
+    folder is moved, whole and byte-identical, to .superseded/train-<old key>/, which run.json and the report
+    name; nothing of it is deleted. train.logging_steps alone would not have changed the key."""
+    from alma_r.flows.build_alma_r import build_alma_r
+    from alma_r.tasks.runtime.stage import SUPERSEDED
+
+    run_dir, *_ = finished_run
+    config = run_dir.parent.parent / "mini.yaml"
+    before = file_digests(run_dir / "train")
+    old_key = json.loads((run_dir / "train" / "_COMPLETE.json").read_text())["key"]
+
+    build_alma_r(config_path=str(config), overrides=[*MINI, "train.logging_steps=1"])
+    harmless = json.loads((run_dir / "run.json").read_text())
+    assert harmless["stages"]["train"]["cached"] is True and "superseded" not in harmless
+
+    build_alma_r(config_path=str(config), overrides=[*MINI, "train.beta=0.2"])
+    record = json.loads((run_dir / "run.json").read_text())
+    aside = run_dir / SUPERSEDED / f"train-{old_key}"
+    assert file_digests(aside) == before
+    assert record["stages"]["train"]["cached"] is False
+    # evaluate and report are set aside too: they read the old adapter ("an earlier stage's outputs changed")
+    assert sorted(e["stage"] for e in record["superseded"]) == ["evaluate", "report", "train"]
+    [entry] = [e for e in record["superseded"] if e["stage"] == "train"]
+    assert entry["path"] == str(aside) and "train.beta 0.1 -> 0.2" in entry["why"]
+    for stage in ("ingest", "prepare_model", "sft", "generate", "score", "select"):
+        assert record["stages"][stage]["cached"] is True, stage
+    report = (run_dir / "report.md").read_text()
+    assert (
+        str(aside) in report and "set aside, not deleted (settings changed: train.beta 0.1 -> 0.2)" in report
+    )

@@ -35,17 +35,21 @@ def segments(tmp_path):
     return write_table(SEGS, tmp_path / "segments.parquet", SEGMENTS)
 
 
+def config(tmp_path, *overrides: str):
+    """A run config whose run.root (and so its generation cache) is this test's own."""
+    return load_config(overrides=[*overrides, f"run.root={tmp_path / 'runs'}"])
+
+
 def test_hf_greedy_and_n_samples(segments, tmp_path, tiny_model_dir):
-    cfg = load_config(
-        overrides=[
-            "generate.systems=[{name: greedy, max_new_tokens: 8}, "
-            "{name: s, do_sample: true, n: 2, max_new_tokens: 8}]",
-            "generate.max_prompt_tokens=1000",
-        ]
+    cfg = config(
+        tmp_path,
+        "generate.systems=[{name: greedy, max_new_tokens: 8}, {name: s, do_sample: true, n: 2, max_new_tokens: 8}]",
+        "generate.max_prompt_tokens=1000",
     )
     outputs, counts = run_generate(cfg, segments, str(tiny_model_dir), None, tmp_path / "out")
     assert set(outputs) == {"candidates/greedy", "candidates/s-1", "candidates/s-2"}
     assert counts["greedy/generated"] == counts["s-1/generated"] == counts["s-2/generated"] == 5
+    assert counts["generated"] == 15 and counts["from_cache"] == 0  # a new cache: everything generated
     rows = read_rows(outputs["candidates/s-2"], CANDIDATES)
     assert json.loads(rows[0]["generation"])["n"] == 2 and rows[0]["model_id"] == str(
         tiny_model_dir.resolve()
@@ -57,8 +61,8 @@ def test_hf_greedy_and_n_samples(segments, tmp_path, tiny_model_dir):
 
 def test_prompt_over_the_limit_is_skipped_and_counted(segments, tmp_path, tiny_model_dir):
     longest = max(len(make_prompt(s["src"], "de", "en")) for s in SEGS)
-    cfg = load_config(
-        overrides=["generate.systems=[{name: greedy, max_new_tokens: 4}]", "generate.max_prompt_tokens=20"]
+    cfg = config(
+        tmp_path, "generate.systems=[{name: greedy, max_new_tokens: 4}]", "generate.max_prompt_tokens=20"
     )
     _, counts = run_generate(cfg, segments, str(tiny_model_dir), None, tmp_path / "out")
     assert longest > 20 and counts["greedy/skipped_prompt_too_long"] >= 1
@@ -83,28 +87,24 @@ def test_five_shot_prompts_use_almas_examples():
 def test_imported_file_system_is_aligned_and_checked(segments, tmp_path):
     good = tmp_path / "sys.en"
     good.write_text("".join(f"T{i}\n" for i in range(5)), encoding="utf-8")
-    cfg = load_config(
-        overrides=[f"generate.systems=[{{name: gpt4, backend: file, files: {{de-en: '{good}'}}}}]"]
-    )
+    cfg = config(tmp_path, f"generate.systems=[{{name: gpt4, backend: file, files: {{de-en: '{good}'}}}}]")
     outputs, counts = run_generate(cfg, segments, "unused", None, tmp_path / "out")
     rows = read_rows(outputs["candidates/gpt4"], CANDIDATES)
     assert [(r["segment_id"], r["hypothesis"]) for r in rows] == [
         (f"hw:de-en:{i}", f"T{i}") for i in range(5)
     ]
     assert rows[0]["model_id"].startswith("file:")
+    assert (counts["gpt4/generated"], counts["gpt4/from_cache"]) == (5, 0)  # read, never cached
     short = tmp_path / "short.en"
     short.write_text("T0\nT1\n", encoding="utf-8")
-    cfg = load_config(
-        overrides=[f"generate.systems=[{{name: gpt4, backend: file, files: {{de-en: '{short}'}}}}]"]
-    )
+    cfg = config(tmp_path, f"generate.systems=[{{name: gpt4, backend: file, files: {{de-en: '{short}'}}}}]")
     with pytest.raises(IngestError, match=rf"{short}:3: 2 translations for the 5 training sources of de-en"):
         run_generate(cfg, segments, "unused", None, tmp_path / "out2")
     jsonl = tmp_path / "sys.jsonl"
     jsonl.write_text("".join(json.dumps({"translation": f"J{i}"}) + "\n" for i in range(5)), encoding="utf-8")
-    cfg = load_config(
-        overrides=[
-            f"generate.systems=[{{name: j, backend: file, file_format: jsonl, files: {{de-en: '{jsonl}'}}}}]"
-        ]
+    cfg = config(
+        tmp_path,
+        f"generate.systems=[{{name: j, backend: file, file_format: jsonl, files: {{de-en: '{jsonl}'}}}}]",
     )
     outputs, _ = run_generate(cfg, segments, "unused", None, tmp_path / "out3")
     assert read_rows(outputs["candidates/j"], CANDIDATES)[4]["hypothesis"] == "J4"

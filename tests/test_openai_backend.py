@@ -12,9 +12,13 @@ from dataclasses import replace
 
 import pytest
 
-from alma_r.config import EndpointSection
+from alma_r.config import EndpointSection, load_config
+from alma_r.data.io import read_rows, write_table
+from alma_r.data.schemas import CANDIDATES, SEGMENTS
+from alma_r.models.generate.cache import segment_seed
 from alma_r.models.generate.openai_backend import EndpointConfig, EndpointError, translate_via_endpoint
 from alma_r.models.prompts import make_prompt
+from alma_r.tasks.generate import run_generate
 from alma_r.tasks.shared.endpoints import endpoint_config, resolve_api_key
 from tests.helpers import QuietHandler, serve_on_loopback
 
@@ -26,12 +30,14 @@ class Server:
 
     def __init__(self):
         self.served: list[str] = []
+        self.bodies: list[dict] = []
         self.auth: set[str] = set()
         outer = self
 
         class Handler(QuietHandler):
             def do_POST(self):
                 body = json.loads(self.read_body())
+                outer.bodies.append(body)
                 outer.auth.add(self.headers.get("Authorization", ""))
                 prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
                 source = prompt.split("\n")[-2].split(": ", 1)[1]
@@ -152,3 +158,47 @@ def test_the_secret_block_wins_over_the_environment_variable_and_none_means_no_k
     assert endpoint_config(env_only, resolver).api_key is None
     no_key = EndpointSection(base_url="http://x/v1", model="m", api_key_env=None)
     assert endpoint_config(no_key, resolver).api_key is None and asked == ["k"]
+
+
+def test_the_stage_seeds_each_request_by_its_segment_and_asks_only_for_new_segments(tmp_path):
+    """The generate stage's endpoint system: each (segment, sample) request carries the segment's seed, whatever
+    the other segments; a rerun on grown data asks only for the new segments (the generation cache has the
+    rest)."""
+    server = Server()
+    endpoint = f"{{base_url: 'http://127.0.0.1:{server.port}/v1', model: tiny, api_key_env: null}}"
+    cfg = load_config(
+        overrides=[
+            f"generate.systems=[{{name: api, backend: openai, do_sample: true, n: 2, endpoint: {endpoint}}}]",
+            f"run.root={tmp_path / 'runs'}",
+        ]
+    )
+    segs = [
+        {
+            "id": f"s{i}",
+            "lp": "de-en",
+            "src_lang": "de",
+            "tgt_lang": "en",
+            "src": src,
+            "ref": "r",
+            "origin": "o",
+            "split": "train",
+        }
+        for i, src in enumerate(SOURCES[:5])
+    ]
+    small = write_table(segs[:3], tmp_path / "small.parquet", SEGMENTS)
+    grown = write_table(segs, tmp_path / "grown.parquet", SEGMENTS)
+    run_generate(cfg, small, "unused", None, tmp_path / "a")
+    sent = {(b["messages"][0]["content"], b["seed"]) for b in server.bodies}
+    assert len(server.bodies) == 6 and sent == {
+        (make_prompt(s["src"], "de", "en"), segment_seed(cfg.run.seed, s["id"], k))
+        for s in segs[:3]
+        for k in (0, 1)
+    }
+    server.bodies.clear()
+    outputs, counts = run_generate(cfg, grown, "unused", None, tmp_path / "b")
+    assert sorted(b["seed"] for b in server.bodies) == sorted(
+        segment_seed(cfg.run.seed, s["id"], k) for s in segs[3:] for k in (0, 1)
+    )
+    assert (counts["api-1/generated"], counts["api-1/from_cache"]) == (2, 3)
+    rows = read_rows(outputs["candidates/api-2"], CANDIDATES)
+    assert [r["hypothesis"] for r in rows] == [s.upper() for s in SOURCES[:5]]

@@ -85,6 +85,29 @@ def start_flow(env: dict, config: Path, overrides: list[str]) -> subprocess.Pope
     )
 
 
+def edited_sources(staging: Path) -> Path:
+    """alma_r laid out as Python sees it (scripts/lint_imports.py), with two edits around the computation that
+    change no result: a CLI module and a help text of the config schema. Returns the PYTHONPATH entry."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from lint_imports import stage_package
+
+    staging.mkdir(parents=True)
+    package = stage_package(REPO, staging)
+    for sub in ("cli", "config"):
+        (package / sub).unlink()
+        shutil.copytree(REPO / "alma_r" / sub, package / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    cli = package / "cli" / "train.py"
+    cli.write_text(cli.read_text() + "\n# an edit to the command line, no part of any stage's computation\n")
+    run = package / "config" / "run.py"
+    text = run.read_text()
+    old = 'description="Run folder name: outputs go to <root>/<name>/."'
+    assert old in text
+    run.write_text(
+        text.replace(old, 'description="Run folder name (edited help): outputs go to <root>/<name>/."')
+    )
+    return staging
+
+
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not ready() and proc.poll() is None and time.time() < deadline:
@@ -114,7 +137,11 @@ print(json.dumps(out))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_sigkill_in_score_then_in_train_resumes_only_the_killed_stage(prefect_server, tmp_path):
+def test_sigkill_in_generate_score_and_train_with_harmless_changes_between(prefect_server, tmp_path):
+    """The flow (its process group) is SIGKILLed during generate, during score and during train after a
+    checkpoint; before each rerun something changes that does not change a result: generate.batch_size, then
+    train.logging_steps with an edited CLI module and config help text (a copy of the sources), then
+    train.save_steps. Every rerun recomputes no finished stage, and training resumes from its checkpoint."""
     from alma_r.data.io import read_rows
     from alma_r.data.schemas import PAIRS
     from alma_r.models.score.tiny_comet import build_tiny_comet
@@ -134,47 +161,60 @@ def test_sigkill_in_score_then_in_train_resumes_only_the_killed_stage(prefect_se
     env = prefect_server
     run_dir = tmp_path / "runs" / "tiny"
 
-    # 1. killed while scoring: the COMET model is loading or scoring in the stage's child process
+    def stages() -> dict:
+        return json.loads((run_dir / "run.json").read_text())["stages"]
+
+    # 1. killed while generating
     flow = start_flow(env, config, overrides)
+    kill_when(flow, lambda: (run_dir / "generate" / "_IN_PROGRESS.json").exists())
+    assert not (run_dir / "generate" / "_COMPLETE.json").exists()
+
+    # 2. another inference batch size; killed while scoring (the COMET model loading or scoring)
+    flow = start_flow(env, config, [*overrides, "generate.batch_size=3"])
     kill_when(flow, lambda: (run_dir / "score" / "_IN_PROGRESS.json").exists())
-    assert not (run_dir / "score" / "_COMPLETE.json").exists()
-    first = json.loads((run_dir / "run.json").read_text())
-    assert first["status"] == "running" and "score" not in first["stages"]
+    second = stages()
+    for stage in ("ingest", "prepare_model", "sft"):
+        assert second[stage]["cached"] is True, stage
+    assert second["generate"]["cached"] is False and "score" not in second
 
-    # 2. rerun, killed while training, after its second checkpoint
-    flow = start_flow(env, config, overrides)
+    # 3. another logging cadence, run from sources with an edited CLI module and config help text; killed in
+    #    training after its second checkpoint
+    edited = {**env, "PYTHONPATH": str(edited_sources(tmp_path / "edited"))}
+    flow = start_flow(edited, config, [*overrides, "generate.batch_size=3", "train.logging_steps=1"])
     kill_when(flow, lambda: (run_dir / "train" / "checkpoints" / "step-4").exists())
-    second = json.loads((run_dir / "run.json").read_text())
+    third = stages()
     for stage in ("ingest", "prepare_model", "sft", "generate"):
-        assert second["stages"][stage]["cached"] is True, stage
-    assert second["stages"]["score"]["cached"] is False
-    assert second["stages"]["select"]["cached"] is False
-    assert "train" not in second["stages"]
+        assert third[stage]["cached"] is True, stage
+    assert third["score"]["cached"] is False and third["select"]["cached"] is False
+    assert "train" not in third
 
-    # 3. rerun to the end: everything before train is reused, train resumes from its last checkpoint
-    flow = start_flow(env, config, overrides)
+    # 4. another checkpoint cadence, to the end: everything before train is reused, train resumes
+    flow = start_flow(edited, config, [*overrides, "train.logging_steps=1", "train.save_steps=3"])
     assert flow.wait(timeout=900) == 0
-    third = json.loads((run_dir / "run.json").read_text())
-    assert third["status"] == "completed"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and "superseded" not in record
     for stage in ("ingest", "prepare_model", "sft", "generate", "score", "select"):
-        assert third["stages"][stage]["cached"] is True, stage
-    assert third["stages"]["train"]["cached"] is False
-    assert third["stages"]["train"]["counts"]["resumed_from"] == 4
-    assert third["stages"]["train"]["counts"]["steps"] == 6
+        assert record["stages"][stage]["cached"] is True, stage
+    assert record["stages"]["train"]["cached"] is False
+    assert record["stages"]["train"]["counts"]["resumed_from"] == 4
+    assert record["stages"]["train"]["counts"]["steps"] == 6
 
     states = task_states(env)
-    assert len(states) == 3
-    assert [states[1][s] for s in ("ingest", "prepare-model", "sft", "generate")] == ["Cached"] * 4
-    assert states[1]["score"] == "Completed"
-    assert [states[2][s] for s in ("ingest", "prepare-model", "sft", "generate", "score", "select")] == [
+    assert len(states) == 4
+    assert [states[1][s] for s in ("ingest", "prepare-model", "sft")] == ["Cached"] * 3
+    assert states[1]["generate"] == "Completed"
+    assert [states[2][s] for s in ("ingest", "prepare-model", "sft", "generate")] == ["Cached"] * 4
+    assert states[2]["score"] == "Completed"
+    assert [states[3][s] for s in ("ingest", "prepare-model", "sft", "generate", "score", "select")] == [
         "Cached"
     ] * 6
-    assert states[2]["train"] == states[2]["evaluate"] == states[2]["report"] == "Completed"
+    assert states[3]["train"] == states[3]["evaluate"] == states[3]["report"] == "Completed"
 
     for path in run_dir.rglob("*.parquet"):
         pq.read_table(path)  # every Parquet output is whole
     assert read_rows(run_dir / "select" / "pairs.parquet", PAIRS)
     assert not list(run_dir.rglob("*.tmp*")), "a temporary file was left behind"
+    assert not (run_dir / ".superseded").exists(), "nothing was set aside: no key changed"
 
 
 def test_editing_a_helper_invalidates_the_stages_that_import_it(tmp_path):
@@ -274,11 +314,24 @@ def test_prune_cache_deletes_only_old_stage_records(tmp_path, capsys):
     ten_days_ago = time.time() - 10 * 86400
     os.utime(old, (ten_days_ago, ten_days_ago))
     os.utime(other, (ten_days_ago, ten_days_ago))
-    assert main(["prune-cache", "--older-than-days", "7", "--storage", str(tmp_path), "--dry-run"]) == 0
-    assert old.exists() and "would delete 1 of 2" in capsys.readouterr().out
-    assert main(["prune-cache", "--older-than-days", "7", "--storage", str(tmp_path)]) == 0
+    runs = tmp_path / "runs"
+    old_aside, new_aside = runs / "r" / ".superseded" / "train-aaa", runs / "r" / ".superseded" / "train-bbb"
+    for folder in (old_aside, new_aside):
+        folder.mkdir(parents=True)
+        (folder / "adapter.safetensors").write_text("weights")
+    index = runs / "r" / ".superseded" / "index.jsonl"
+    index.write_text("".join(json.dumps({"path": str(f)}) + "\n" for f in (old_aside, new_aside)))
+    os.utime(old_aside, (ten_days_ago, ten_days_ago))
+    args = ["prune-cache", "--older-than-days", "7", "--storage", str(tmp_path), "--runs", str(runs)]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert old.exists() and old_aside.exists()
+    assert "would delete 1 of 2 stage cache records" in out and "1 of 2 set-aside output folders" in out
+    assert main(args) == 0
     assert not old.exists() and new.exists() and other.exists()
-    assert "deleted 1 of 2" in capsys.readouterr().out
+    assert not old_aside.exists() and (new_aside / "adapter.safetensors").exists()
+    assert [json.loads(line)["path"] for line in index.read_text().splitlines()] == [str(new_aside)]
+    assert "deleted 1 of 2 stage cache records" in capsys.readouterr().out
 
 
 def test_a_failing_stage_process_reports_its_error_and_is_not_retried(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.published import DELTA_PREFERS, SYSTEMS, from_published, load_published, to_published
 from alma_r.data.schemas import PAIRS, REFERENCE
-from alma_r.tasks.select import add_noise, select_pairs
+from alma_r.tasks.shared.selection import add_noise, select_pairs
 
 # A hand-written sample in the published layout (values invented for the test, layout as on the Hub).
 ROWS = [

@@ -1,11 +1,11 @@
-"""The preference-pair rule (tasks/select.py), table-driven with hand-made scores and hand-computed answers."""
+"""The preference-pair rule (tasks/shared/selection.py), table-driven with hand-made scores and hand-computed answers."""
 
 from __future__ import annotations
 
 import pytest
 
 from alma_r.data.schemas import REFERENCE
-from alma_r.tasks.select import select_pairs, selection_stats
+from alma_r.tasks.shared.selection import select_pairs, selection_stats
 
 SRC = {"de-en": "Hallo Welt.", "en-de": "Hello world.", "cs-en": "Ahoj světe."}
 PROMPT = {

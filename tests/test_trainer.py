@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alma_r.models.train.checkpoints import CheckpointMismatch
 from alma_r.models.train.recipe import CPORecipe
 from alma_r.models.train.settings import TrainSettings
 
@@ -85,13 +86,14 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tiny_model_dir, t
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
 
 
-def test_checkpoint_of_other_settings_is_not_resumed(tiny_model_dir, tmp_path):
+def test_checkpoint_of_other_settings_is_refused_and_kept(tiny_model_dir, tmp_path):
     set_up(tiny_model_dir, tmp_path, max_steps=3).train()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
-    same = set_up(tiny_model_dir, tmp_path, max_steps=3)
+    same = set_up(tiny_model_dir, tmp_path, max_steps=3, logging_steps=3, save_steps=1)
     assert same.resumed_from == 2
-    other = set_up(tiny_model_dir, tmp_path, max_steps=3, beta=0.5)
-    assert other.resumed_from is None and other.step == 0
+    with pytest.raises(CheckpointMismatch, match=r"beta 0\.1 \(checkpoint\) vs 0\.5 \(now\)"):
+        set_up(tiny_model_dir, tmp_path, max_steps=3, beta=0.5)
+    assert (tmp_path / "checkpoints" / "step-2" / "trainable.safetensors").is_file()
 
 
 def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, tmp_path):

@@ -7,12 +7,14 @@ model, and a LoRA-enabled one for the base model, the adapter, sampling and beam
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from alma_r.config import SAMPLE_DIR
+from alma_r.models.generate.cache import segment_seed
 from alma_r.models.generate.hf_backend import Decoding
 from alma_r.models.generate.vllm_backend import (
     DEFAULT_VLLM_PYTHON,
@@ -22,7 +24,7 @@ from alma_r.models.generate.vllm_backend import (
     default_vllm_python,
     generate_jobs_with_vllm,
     generate_with_vllm,
-    prompt_seed,
+    run_worker,
 )
 from tests.conftest import REPO
 
@@ -63,14 +65,33 @@ def test_decodings_map_onto_vllm_jobs():
     assert greedy["temperature"] == 0.0 and "beam_width" not in greedy and greedy["max_tokens"] == 24
     beam = _job_spec(VllmJob(BEAM, n=2), ids, idx)
     assert beam["beam_width"] == 4 and beam["n"] == 2 and beam["length_normalization"] == "generated"
-    sample = _job_spec(VllmJob(SAMPLE, n=4, seed=3), ids, idx)
-    # Seeds follow the prompt's index in the caller's list (skipped prompts shift nothing) and never overlap.
-    assert sample["seeds"] == [prompt_seed(3, 0), prompt_seed(3, 3)]
-    assert len({prompt_seed(s, i) for s in range(5) for i in range(50)}) == 250
+    # The caller's seeds, one per prompt of the call (the generate stage's come from the segment ids).
+    sample = _job_spec(VllmJob(SAMPLE, n=4, seeds=(11, 12, 13, 14)), ids, idx)
+    assert sample["seeds"] == [11, 14]
+    # Without them, a prompt's seed follows its place in the call (skipped prompts shift nothing).
+    unseeded = _job_spec(VllmJob(SAMPLE, n=4, seed=3), ids, idx)
+    assert unseeded["seeds"] == [segment_seed(3, "0"), segment_seed(3, "3")]
     with pytest.raises(ValueError, match="beam sampling"):
         _job_spec(VllmJob(Decoding(num_beams=2, do_sample=True)), ids, idx)
     with pytest.raises(ValueError, match="num_beams=4"):
         _job_spec(VllmJob(BEAM, n=5), ids, idx)
+
+
+def test_finished_jobs_are_handed_over_even_when_the_worker_dies(tmp_path):
+    """The worker appends each job's line as it finishes: run_worker hands those over (the stage caches them)
+    before it reports the failure."""
+    python = tmp_path / "python"  # a stand-in worker: one job done, half of the next line, then a crash
+    python.write_text(
+        f"#!{sys.executable}\nimport sys\n"
+        "open(sys.argv[3] + '.partial', 'w').write('{\"job\": 0, \"outputs\": []}\\n{\"job\": 1')\n"
+        "sys.exit(3)\n",
+        encoding="utf-8",
+    )
+    python.chmod(0o755)
+    got = []
+    with pytest.raises(RuntimeError, match=r"the vLLM worker failed \(exit code 3\)"):
+        run_worker(str(python), {"jobs": [{}, {}]}, on_line=got.append)
+    assert got == [{"job": 0, "outputs": []}]
 
 
 # -------------------------------------------------------------------------------- end to end (.venv-vllm)

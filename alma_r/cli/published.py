@@ -36,7 +36,7 @@ def run_published_cli(args: argparse.Namespace) -> int:
     from alma_r.data.io import write_json_atomic, write_table
     from alma_r.data.published import DELTA_PREFERS, SYSTEMS, from_published, load_published
     from alma_r.data.schemas import DROPPED, PAIRS, REFERENCE
-    from alma_r.tasks.select import select_pairs, selection_stats
+    from alma_r.tasks.shared.selection import select_pairs, selection_stats
 
     data = from_published(load_published(args.source, args.config), where=args.source)
     texts = {(s["id"], REFERENCE): s["ref"] for s in data.segments}

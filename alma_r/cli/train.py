@@ -8,6 +8,11 @@ fields as --lora-r ...; TRL's names work where ours differ (--lr-scheduler-type,
 --per-device-train-batch-size), and --bf16 / --no-lora set mixed_precision / finetune. --seed, --dtype and
 --trust-remote-code are the run and model sections' fields. The data is any Parquet file with TRL's `prompt`,
 `chosen`, `rejected` columns (e.g. a run's select/pairs.parquet).
+
+Rerun with the same --output to resume from its newest checkpoint: it continues only the run that wrote it (same
+model, data, result-affecting settings and process count; logging and checkpoint cadence may change). A
+checkpoint of another run is refused in one line naming what differs; --restart moves the checkpoints aside to
+<output>/.superseded/ and starts over.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ def add_train_parser(sub, settings_class: type[TrainSettings] = TrainSettings) -
     p.add_argument("--data", required=True, help="Parquet with prompt/chosen/rejected columns")
     p.add_argument("--output", required=True, help="output folder: adapter/, metrics.jsonl, checkpoints/")
     p.add_argument("--adapter", help="LoRA adapter to continue training (ALMA-R continues ALMA-13B-LoRA)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="move --output's checkpoints (and DPO reference cache) aside to <output>/.superseded/ and train "
+        "from step 0 (nothing is deleted)",
+    )
     add_model_arguments(
         p.add_argument_group("training (the config's train section)"), settings_class, "train"
     )
@@ -72,13 +83,25 @@ def read_pairs(path: Path) -> list[dict]:
 
 
 def run_train_cli(args: argparse.Namespace) -> int:
+    from alma_r import __version__
     from alma_r.models.train.metrics import plot_curves
     from alma_r.models.train.recipe import CPORecipe
+    from alma_r.tasks.runtime.stage import code_version
 
     settings, run_context = settings_from_args(args)
     out = Path(args.output)
     pairs = read_pairs(Path(args.data))
-    recipe = CPORecipe(settings, args.model, pairs, out, adapter=args.adapter, **run_context).setup().train()
+    recipe = CPORecipe(
+        settings,
+        args.model,
+        pairs,
+        out,
+        adapter=args.adapter,
+        **run_context,
+        code_version=f"alma-r {__version__} (training code {code_version('alma_r.models.train.recipe')})",
+        restart=args.restart,
+    )
+    recipe.setup().train()
     path = recipe.save(out / ("adapter" if recipe.is_peft else "model"))
     if recipe.is_main:
         plot_curves(out / "metrics.jsonl", out / "curves.png", f"CPO ({settings.loss_type})")

@@ -31,11 +31,27 @@ def nearest_key(key: str, valid: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def sections_hash(config: BaseModel, *sections: str) -> str:
+class SectionsHash(str):
+    """A fingerprint of config sections (what stage keys hash) that keeps the settings it was computed from, so
+    that a stage whose key changed can say which setting changed."""
+
+    settings: dict
+
+    def __new__(cls, settings: dict):
+        value = super().__new__(
+            cls, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        )
+        value.settings = settings
+        return value
+
+    def __reduce__(self):
+        return (SectionsHash, (self.settings,))
+
+
+def sections_hash(config: BaseModel, *sections: str) -> SectionsHash:
     """A fingerprint of some sections of a config, for stage keys: a stage reruns when its own settings change,
     and only those that change a result (models/result_fields.py). An unset optional section counts as null."""
-    dumped = {s: getattr(config, s) and result_dump(getattr(config, s)) for s in sections}
-    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+    return SectionsHash({s: getattr(config, s) and result_dump(getattr(config, s)) for s in sections})
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:

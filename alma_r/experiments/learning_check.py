@@ -36,8 +36,8 @@ from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.score.cache import ScoreCache
 from alma_r.models.train.recipe import CPORecipe
 from alma_r.models.train.settings import TrainSettings
-from alma_r.tasks.select import select_pairs
 from alma_r.tasks.shared.scoring import score_items
+from alma_r.tasks.shared.selection import select_pairs
 
 METRIC = "oracle"
 

@@ -1,10 +1,13 @@
-"""Batch translation with transformers `generate`: length-sorted batches, left padding, ALMA post-processing.
+"""Translation with transformers `generate`, ALMA post-processing: length-sorted batches with left padding
+(`generate_translations`), or each prompt's samples in one call of their own, each drawn from its own seeded
+generator (`sample_translations`).
 
 A prompt longer than the limit is never cut: it gets no output (None) and the caller counts it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +48,12 @@ def generate_translations(
     max_prompt_tokens: int,
     seed: int = 0,
     desc: str = "generate",
+    on_batch: Callable[[list[int], list[str]], None] | None = None,
 ) -> list[str | None]:
-    """One post-processed translation per prompt, or None where the prompt exceeds `max_prompt_tokens`."""
+    """One post-processed translation per prompt, or None where the prompt exceeds `max_prompt_tokens`.
+
+    `on_batch(indices, translations)` is called after each batch, with the prompts' places in `prompts`: a
+    caller can keep them before the next batch (and a crash) comes."""
     model.eval()
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -72,7 +79,114 @@ def generate_translations(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
         )
         new_tokens = out[:, input_ids.shape[1] :]
-        for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
-            outputs[i] = postprocess(text)
+        texts = [postprocess(t) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        for i, text in zip(idx, texts, strict=True):
+            outputs[i] = text
+        if on_batch is not None:
+            on_batch(idx, texts)
         progress.report(start + len(idx), len(todo), desc, unit="sentence")
+    return outputs
+
+
+class SeededRowSampling:
+    """A transformers logits processor: draws each row's next token from the row's own seeded generator and
+    leaves only that token, which the greedy step that follows takes.
+
+    transformers samples every row of a batch from one global generator (`torch.multinomial(probs, 1)` in
+    `GenerationMixin._sample`, which takes no generator), so a row's sample would depend on the rows beside it.
+    The distribution is the one `do_sample` draws from: temperature, then top-k, then top-p, as
+    `GenerationMixin._get_logits_processor` orders them, then softmax.
+    """
+
+    def __init__(self, seeds: list[int], decoding: Decoding, device: torch.device):
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.warpers = LogitsProcessorList()
+        if decoding.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(decoding.temperature))
+        if decoding.top_k != 0:
+            self.warpers.append(TopKLogitsWarper(top_k=decoding.top_k, min_tokens_to_keep=1))
+        if decoding.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=decoding.top_p, min_tokens_to_keep=1))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)
+        tokens = torch.cat(
+            [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators, strict=True)]
+        )
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(1, tokens[:, None], 0.0)
+
+
+@torch.inference_mode()
+def sample_translations(
+    model,
+    tokenizer,
+    prompts: list[str],
+    seeds: list[list[int]],
+    decoding: Decoding,
+    max_prompt_tokens: int,
+    desc: str = "generate",
+    on_prompt: Callable[[int, list[str]], None] | None = None,
+) -> list[list[str] | None]:
+    """Per prompt: one post-processed sample per seed in `seeds[i]`, or None where the prompt exceeds
+    `max_prompt_tokens`.
+
+    A prompt's samples are generated in one call of their own (no padding, no other prompt beside them), each
+    from its own seed: a sample depends on its prompt and seed only, not on which prompts are generated with
+    it, in which order. Beam sampling (num_beams > 1) has no per-row draw: one seeded call per sample.
+    `on_prompt(i, samples)` is called after each prompt.
+    """
+    from transformers import LogitsProcessorList
+
+    if not decoding.do_sample:
+        raise ValueError("sample_translations samples: a decoding with do_sample")
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    todo = [i for i, ids in enumerate(encoded) if len(ids) <= max_prompt_tokens]
+    outputs: list[list[str] | None] = [None] * len(prompts)
+    kwargs = dict(
+        max_new_tokens=decoding.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    progress.report(0, len(todo), desc, unit="sentence")  # the rate counts from here
+    for done, i in enumerate(todo, start=1):
+        prompt = torch.tensor([encoded[i]], dtype=torch.long, device=device)
+        if decoding.num_beams == 1:
+            rows = prompt.repeat(len(seeds[i]), 1)
+            out = model.generate(
+                input_ids=rows,
+                attention_mask=torch.ones_like(rows),
+                do_sample=False,  # the draw is SeededRowSampling's; the greedy step takes its token
+                num_beams=1,
+                logits_processor=LogitsProcessorList([SeededRowSampling(seeds[i], decoding, device)]),
+                **kwargs,
+            )
+        else:
+            out = []
+            for seed in seeds[i]:
+                torch.manual_seed(seed)
+                out += model.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    do_sample=True,
+                    num_beams=decoding.num_beams,
+                    temperature=decoding.temperature,
+                    top_p=decoding.top_p,
+                    top_k=decoding.top_k,
+                    **kwargs,
+                )
+        new_tokens = [row[prompt.shape[1] :] for row in out]
+        outputs[i] = [postprocess(t) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        if on_prompt is not None:
+            on_prompt(i, outputs[i])
+        progress.report(done, len(todo), desc, unit="sentence")
     return outputs

@@ -17,6 +17,7 @@ import hashlib
 import json
 import random
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +127,11 @@ async def _post(
 
 
 async def _complete_all(
-    cfg: EndpointConfig, bodies: list[dict], cache: RequestCache, stats: dict
+    cfg: EndpointConfig,
+    bodies: list[dict],
+    cache: RequestCache,
+    stats: dict,
+    on_result: Callable[[int, str], None] | None = None,
 ) -> list[str]:
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limit = asyncio.Semaphore(cfg.max_concurrency)
@@ -145,6 +150,8 @@ async def _complete_all(
                 async with limit:
                     results[i] = await _post(client, cfg, body, headers, stats)
                 cache.put(k, results[i])  # committed at once: a crash later never pays for it again
+            if on_result is not None:
+                on_result(i, results[i])
             bar.update(1)
 
         await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
@@ -161,23 +168,45 @@ def complete_via_endpoint(
     top_p: float = 1.0,
     seed: int | None = None,
     extra: dict | None = None,
+    seeds: list[int] | None = None,
+    on_result: Callable[[int, str], None] | None = None,
 ) -> tuple[list[str], dict]:
     """The raw completion text of each prompt, in order, and request statistics
-    (requests sent, retries, answered from the cache)."""
-    bodies = [request_body(cfg, p, max_tokens, temperature, top_p, seed, extra) for p in prompts]
+    (requests sent, retries, answered from the cache).
+
+    `seeds`: one request seed per prompt (e.g. derived from its segment, so that its answer does not depend on
+    which prompts are sent with it), instead of `seed` for all. `on_result(i, text)` gets each answer as it
+    arrives (in any order)."""
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    bodies = [
+        request_body(cfg, p, max_tokens, temperature, top_p, seed if seeds is None else seeds[i], extra)
+        for i, p in enumerate(prompts)
+    ]
     stats = {"requests": 0, "retries": 0, "cached": 0}
     cache = RequestCache(cache_path)
     try:
-        texts = asyncio.run(_complete_all(cfg, bodies, cache, stats))
+        texts = asyncio.run(_complete_all(cfg, bodies, cache, stats, on_result))
     finally:
         cache.close()
     return texts, stats
 
 
 def translate_via_endpoint(
-    cfg: EndpointConfig, prompts: list[str], cache_path: Path, **sampling
+    cfg: EndpointConfig,
+    prompts: list[str],
+    cache_path: Path,
+    on_result: Callable[[int, str], None] | None = None,
+    **sampling,
 ) -> tuple[list[str], dict]:
     """ALMA-post-processed translations, one per prompt, and request statistics (requests sent, retries,
-    answered from the cache). `sampling`: complete_via_endpoint's max_tokens, temperature, top_p, seed."""
-    texts, stats = complete_via_endpoint(cfg, prompts, cache_path, **sampling)
+    answered from the cache). `sampling`: complete_via_endpoint's max_tokens, temperature, top_p, seed or
+    seeds. `on_result(i, translation)` gets each translation as it arrives."""
+    texts, stats = complete_via_endpoint(
+        cfg,
+        prompts,
+        cache_path,
+        on_result=None if on_result is None else lambda i, text: on_result(i, postprocess(text)),
+        **sampling,
+    )
     return [postprocess(t) for t in texts], stats

@@ -21,13 +21,15 @@ The request (JSON):
         prompts           a list of token-id lists (or "prompt_token_ids": one list, or "prompt": one string)
         n, temperature (0 = greedy), top_p, top_k (0 = no limit), max_tokens
         seed              the per-request sampling seed, the same for every prompt of the job; or
-        seeds             one seed per prompt (vLLM gives the n samples of a request seeds seed..seed+n-1)
+        seeds             one seed per prompt (vLLM gives the n samples of a request seeds seed..seed+n-1; the
+                          caller derives a prompt's seed from its segment, not from its place in the list)
         beam_width        optional; beam search (LLM.beam_search) when > 1, returning the n best beams
         length_normalization  "generated" (default: transformers' beam scores) or "total" (vLLM's own)
         use_adapter       optional, true by default: false runs the job on the base model (same engine)
 
-The output (JSON lines, written atomically: a temporary file renamed into place once every job is done):
-one line per job, {"job": i, "outputs": [one entry per prompt: {"texts": [n strings],
+The output (JSON lines): each job's line is appended to OUTPUT.partial as soon as the job is done (the caller
+reads it while later jobs run, so a crash loses only the job under way), and OUTPUT.partial is renamed to OUTPUT
+once every job is done; one line per job, {"job": i, "outputs": [one entry per prompt: {"texts": [n strings],
 "token_ids": [n lists of generated ids], "finish_reasons": [n reasons]}]}. The token ids let the caller decode
 with its own tokenizer, so that both backends turn the same tokens into the same text.
 """
@@ -39,7 +41,6 @@ import gc
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -229,28 +230,24 @@ def run(req: dict, output: Path) -> None:
         lora = LoRARequest("adapter", 1, str(req["adapter"])) if req.get("adapter") else None
         tokenizer = llm.get_tokenizer()
         eos_id = tokenizer.eos_token_id
-        lines = []
-        for i, job in enumerate(jobs):
-            t1 = time.perf_counter()
-            prompts = _job_prompts(job, tokenizer)
-            job_lora = lora if job.get("use_adapter", True) else None
-            if not prompts:
-                outputs = []
-            elif int(job.get("beam_width") or 1) > 1:
-                outputs = _beam_job(llm, prompts, job, job_lora, eos_id)
-            else:
-                outputs = _sampling_job(llm, prompts, job, job_lora)
-            lines.append(json.dumps({"job": i, "outputs": outputs}, ensure_ascii=False))
-            _log(f"job {i}: {len(prompts)} prompt(s) in {time.perf_counter() - t1:.1f}s")
         output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write("".join(line + "\n" for line in lines))
-            os.replace(tmp, output)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        partial = output.with_name(output.name + ".partial")
+        with open(partial, "w", encoding="utf-8") as fh:
+            for i, job in enumerate(jobs):
+                t1 = time.perf_counter()
+                prompts = _job_prompts(job, tokenizer)
+                job_lora = lora if job.get("use_adapter", True) else None
+                if not prompts:
+                    outputs = []
+                elif int(job.get("beam_width") or 1) > 1:
+                    outputs = _beam_job(llm, prompts, job, job_lora, eos_id)
+                else:
+                    outputs = _sampling_job(llm, prompts, job, job_lora)
+                # Flushed at once; a reader takes whole lines only (JSON escapes every newline in a string).
+                fh.write(json.dumps({"job": i, "outputs": outputs}, ensure_ascii=False) + "\n")
+                fh.flush()
+                _log(f"job {i}: {len(prompts)} prompt(s) in {time.perf_counter() - t1:.1f}s")
+        os.replace(partial, output)
     finally:
         # The engine core runs in its own process: without an explicit shutdown its memory is held until exit
         # and the interpreter can hang at exit waiting for it.

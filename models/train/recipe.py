@@ -1,10 +1,11 @@
 """The CPO training recipe: one class, read top to bottom.
 
-`CPORecipe(...).setup()` loads the model, the pairs and the optimizer, in that order (the optimizer needs the
-trainable parameters, the scheduler needs the step count the data gives), then resumes from the newest
-checkpoint written with the same settings; `train()` runs the optimizer steps, each one `_train_step()` (the
-forward and backward passes of its micro-batches) then `_optimizer_step()`; `save_checkpoint()` writes a resume
-point; `save()` writes the PEFT adapter folder (or the full model), atomically.
+`CPORecipe(...).setup()` loads the model, refuses a checkpoint of another run (checkpoints.py: the result
+fingerprint of model, pairs, settings and process count), loads the pairs and the optimizer, in that order (the
+optimizer needs the trainable parameters, the scheduler needs the step count the data gives), then resumes from
+the newest checkpoint; `train()` runs the optimizer steps, each one `_train_step()` (the forward and backward
+passes of its micro-batches) then `_optimizer_step()`; `save_checkpoint()` writes a resume point; `save()` writes
+the PEFT adapter folder (or the full model), atomically.
 
 The objective is CPO's ("Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in
 Machine Translation", Xu et al., ICML 2024, eq. 3-6) or one of its TRL variants (losses.py); the settings are
@@ -12,14 +13,16 @@ TrainSettings (settings.py), and the seed, weights' dtype and trust_remote_code 
 
 Runs as one process or under `accelerate launch` / torchrun (data parallel): each optimizer step takes
 batch_size x gradient_accumulation_steps x world_size pairs, and the loss is normalised by that whole step's
-pair and token counts, so accumulation and the number of processes never change the objective.
+pair and token counts, so accumulation and the number of processes never change the objective. Accumulation,
+clipping and what is saved go through accelerate (`accumulate`, `clip_grad_norm_`, `get_state_dict`), so that
+FSDP and DeepSpeed ZeRO sync, clip and gather their shards (docs/distributed.md says which modes have run).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,7 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from alma_r.data.io import save_dir_atomic, write_json_atomic, write_text_atomic
 from alma_r.models import progress
-from alma_r.models.loading import load_model, load_tokenizer
+from alma_r.models.loading import load_model, load_tokenizer, model_identity
+from alma_r.models.train import checkpoints
 from alma_r.models.train.batching import collate, tokenize_pairs
 from alma_r.models.train.logprobs import CompletionLogps
 from alma_r.models.train.losses import preference_loss
@@ -56,14 +60,21 @@ class CPORecipe:
         seed: int,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        start_over_hint: str = checkpoints.START_OVER_HINT,
+        code_version: str | None = None,
+        restart: bool = False,
     ):
         """`settings` say how to train; `seed` (the run's), `dtype` and `trust_remote_code` (the model's) are
         not training settings but change the result, so they enter the checkpoint fingerprint too. Continuing
-        `adapter` trains that adapter; otherwise finetune lora creates a new one (settings.new_lora)."""
+        `adapter` trains that adapter; otherwise finetune lora creates a new one (settings.new_lora).
+        A checkpoint of another run in `out_dir` is refused (CheckpointMismatch, ending with `start_over_hint`:
+        how the caller's user starts over); `restart` sets `out_dir`'s checkpoints aside first and starts at
+        step 0. `code_version` is recorded in each checkpoint as written_by (no part of the fingerprint)."""
         if not pairs:
             raise ValueError("no preference pairs to train on")
         self.s = settings
         self.seed, self.dtype, self.trust_remote_code = seed, dtype, trust_remote_code
+        self.start_over_hint, self.code_version, self.restart = start_over_hint, code_version, restart
         self.lora = settings.new_lora(continues_adapter=adapter is not None)
         self.model_path = model_path
         self.adapter = adapter
@@ -74,6 +85,8 @@ class CPORecipe:
         self.with_rejected = settings.loss_type != "sft"
         self.step = 0
         self.resumed_from: int | None = None
+        self.resumed_written_by: str | None = None
+        self.resume_point: Path | None = None
         self.ref_logps: torch.Tensor | None = None  # (n_examples, 2) for dpo
 
     def _run_context(self) -> dict:
@@ -82,30 +95,50 @@ class CPORecipe:
     def _identity(self) -> dict:
         return self.s.identity(**self._run_context())
 
-    def _fingerprint(self) -> str:
-        return self.s.fingerprint(**self._run_context())
-
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> CPORecipe:
         self._setup_distributed()
         torch.manual_seed(self.seed)
         self._setup_model()
+        self._find_resume_point()  # refuses another run's checkpoint before the costly steps below
         self._setup_data()  # needs the tokenizer
         self._setup_reference()  # dpo: the frozen starting policy scores every pair once, before any update
+        if self.resume_point is not None:  # before prepare: FSDP/ZeRO shard what they are handed
+            checkpoints.load_weights(self.model, self.resume_point)
         self._setup_optimizer()  # needs trainable parameters and the step count from the data
-        self._maybe_resume()  # last: overwrites weights, optimizer, scheduler and RNG
+        self._maybe_resume()  # last: overwrites optimizer, scheduler and RNG
         return self
 
     def _setup_distributed(self):
         from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin
 
         # Mixed precision is ours to apply (bf16 autocast around the decoder, float32 log-softmax): accelerate's
-        # would also come from an environment variable or a config file the user forgot about.
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+        # would also come from an environment variable or a config file the user forgot about. The accumulation
+        # plugin is explicit for the same reason (ACCELERATE_GRADIENT_ACCUMULATION_STEPS), and there is no
+        # dataloader whose end should force a sync.
+        accumulation = GradientAccumulationPlugin(
+            num_steps=self.s.gradient_accumulation_steps, sync_with_dataloader=False
+        )
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision="no", gradient_accumulation_plugin=accumulation
+        )
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
+        self.sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+        asked = [
+            k for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if os.environ.get(k) == "true"
+        ]
+        if asked and self.is_main and not self.sharded:  # accelerate runs DDP instead on CPUs, silently
+            print(f"[train] {asked[0]} is set, but accelerate shards only on GPUs: this run is not sharded")
+        if self.restart:
+            if self.is_main:
+                moved = checkpoints.set_aside(self.out_dir)
+                where = f"moved to {moved}" if moved else "none to set aside"
+                print(f"[train] --restart: {self.out_dir}'s checkpoints {where}; training starts at step 0")
+            self.accelerator.wait_for_everyone()
 
     def _setup_model(self):
         self.tokenizer = load_tokenizer(self.model_path, self.trust_remote_code)
@@ -136,7 +169,24 @@ class CPORecipe:
         # Packed rows need a 4D mask; flash-attention kernels take none, so they get the plain layout.
         self.shared_prompt = self.s.shared_prompt and self.attn_implementation in ("sdpa", "eager")
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in self.trainable)  # before FSDP/ZeRO shard them
         self.logps_module = CompletionLogps(model, self.s.logits_chunk_size)
+
+    def _result_parts(self) -> dict:
+        """What decides this run's result (checkpoints.result_parts), computed once: it reads the weights."""
+        if not hasattr(self, "_parts"):
+            self._parts = checkpoints.result_parts(
+                checkpoints.weights_identity(self.model_path),
+                checkpoints.weights_identity(self.adapter),
+                checkpoints.pairs_digest(self.raw_pairs),
+                self._identity(),
+                self.world,
+            )
+        return self._parts
+
+    def _fingerprint(self) -> str:
+        return checkpoints.fingerprint(self._result_parts())
 
     def _setup_data(self):
         self.examples, self.skipped = tokenize_pairs(
@@ -151,7 +201,9 @@ class CPORecipe:
     def _setup_reference(self):
         if self.s.loss_type != "dpo":
             return
-        cache = self.out_dir / f"reference_logps-{self._fingerprint()}.safetensors"
+        # Keyed by the result fingerprint (less the process count): other pairs or another model never reuse it.
+        key = checkpoints.reference_fingerprint(self._result_parts())
+        cache = self.out_dir / f"reference_logps-{key}.safetensors"
         if cache.is_file():
             self.ref_logps = load_file(cache)["logps"]
             return
@@ -182,67 +234,62 @@ class CPORecipe:
             lr=self.s.learning_rate,
         )
         warmup = math.ceil(self.s.warmup_ratio * self.total_steps)
+        # Not prepared: accelerate's scheduler wrapper would step once per process per step.
         self.scheduler = build_scheduler(self.s.lr_scheduler, self.optimizer, warmup, self.total_steps)
+        ds = self.accelerator.state.deepspeed_plugin
+        if ds is not None:  # no dataloader tells DeepSpeed the batch; its accumulation and clipping are ours
+            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = self.s.batch_size
+            ds.deepspeed_config["gradient_accumulation_steps"] = self.s.gradient_accumulation_steps
+            ds.deepspeed_config["gradient_clipping"] = self.s.max_grad_norm
         # The wrapper is what DDP/FSDP/DeepSpeed see: gradient sync hooks on its forward.
         self.logps_module, self.optimizer = self.accelerator.prepare(self.logps_module, self.optimizer)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def _checkpoints(self) -> list[Path]:
-        if not self.ckpt_dir.is_dir():
-            return []
-        found = [p for p in self.ckpt_dir.glob("step-*") if (p / "trainer_state.pt").is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        """The trainable tensors, whole (gathered from FSDP/ZeRO-3 shards), on the main process; every process
+        calls it. Keys are the model's parameter names."""
+        full = self.accelerator.get_state_dict(self.logps_module)
+        if not self.is_main:
+            return {}
+        return {n: full[f"model.{n}"].detach().cpu().contiguous() for n in self.trainable_names}
 
     def save_checkpoint(self):
-        """Trainable weights (safetensors), optimizer, scheduler, RNG, step and settings, written atomically.
-        The data position needs no saving: the order is a pure function of (seed, epoch, step)."""
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
+        """Trainable weights (safetensors), optimizer, scheduler, every process's RNG, step, the result
+        fingerprint and its parts, written atomically. The data position needs no saving: the order is a pure
+        function of (seed, epoch, step)."""
+        from accelerate.utils import gather_object
 
-            def write(tmp: Path):
-                save_file(self._trainable_state(), tmp / "trainable.safetensors")
-                torch.save(
-                    {
-                        "step": self.step,
-                        "fingerprint": self._fingerprint(),
-                        "settings": json.dumps(self._identity(), sort_keys=True),
-                        "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                    },
-                    tmp / "trainer_state.pt",
-                )
+        weights = self._trainable_state()
+        rng = gather_object([checkpoints.rng_state()])  # one per process: dropout draws differ by process
+        state = {
+            "step": self.step,
+            "fingerprint": self._fingerprint(),
+            "parts": self._result_parts(),
+            "written_by": self.code_version,
+            "model_paths": model_identity(self.model_path, self.adapter),  # where, for people: not hashed
+            "optimizer": None if self.sharded else self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+        }
+        shard = {"optimizer": self.optimizer.state_dict()} if self.sharded else None
+        checkpoints.write_checkpoint(self.accelerator, self.ckpt_dir, self.step, weights, state, shard)
 
-            save_dir_atomic(self.ckpt_dir / f"step-{self.step}", write)
-            for old in self._checkpoints()[:-2]:  # keep two: the newest may be the one a crash interrupted
-                shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+    def _find_resume_point(self):
+        """The newest checkpoint, if its result fingerprint is this run's; CheckpointMismatch if it is not."""
+        found = checkpoints.list_checkpoints(self.ckpt_dir)
+        if not found:
+            return
+        state = checkpoints.read_state(found[-1])
+        checkpoints.check_resumable(found[-1], state, self._result_parts(), self.start_over_hint)
+        self.resume_point = found[-1]
 
     def _maybe_resume(self):
-        for ckpt in reversed(self._checkpoints()):
-            state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
-            if state["fingerprint"] != self._fingerprint():
-                theirs, ours = json.loads(state.get("settings", "{}")), self._identity()
-                diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}
-                print(
-                    f"[train] not resuming {ckpt}: settings differ (checkpoint, now): {diff}; the new ones win"
-                )
-                continue
-            weights = load_file(ckpt / "trainable.safetensors")
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, tensor in weights.items():
-                    params[name].copy_(tensor.to(params[name].device))
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-            self.step = int(state["step"])
-            self.resumed_from = self.step
-            print(f"[train] resumed from {ckpt} at step {self.step}")
-            break
+        if self.resume_point is not None:
+            state = checkpoints.restore_state(self.resume_point, self.rank, self.optimizer, self.scheduler)
+            self.step = self.resumed_from = int(state["step"])
+            self.resumed_written_by = state.get("written_by")
+            if self.is_main:
+                print(f"[train] resumed from {self.resume_point} at step {self.step}")
         # Log lines past the resume point belong to work that is redone now (or to a run that never checkpointed).
         if self.is_main:
             kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
@@ -353,13 +400,14 @@ class CPORecipe:
         totals, tokens = empty_totals(), 0
         for k in range(accum):
             idx = local[k * bs : (k + 1) * bs]
-            sync = k == accum - 1
-            with nullcontext() if sync else self.accelerator.no_sync(self.logps_module):
+            # accelerate counts the micro-batches: gradients sync (DDP, FSDP) or DeepSpeed steps on the last.
+            with self.accelerator.accumulate(self.logps_module):
                 out, logp_c, logp_r = self._loss(
                     idx, pair_normalizer=len(step_idx), token_normalizer=n_tokens_step
                 )
-                # DDP averages gradients over processes; the step's loss is their sum.
-                self.accelerator.backward(out.loss * self.world)
+                # DDP averages gradients over processes, and accelerate (or DeepSpeed) divides each
+                # micro-batch's loss by the accumulation steps: the step's loss is the sum of both.
+                self.accelerator.backward(out.loss * (self.world * accum))
             add_micro_batch(totals, out, logp_c, logp_r)
             tokens += self._token_count(idx)
         totals = self._reduce(totals)
@@ -378,7 +426,9 @@ class CPORecipe:
     def _optimizer_step(self) -> tuple[torch.Tensor, float]:
         """Clip, step the optimizer and the schedule, count the step; returns the gradient norm before clipping
         and the learning rate the step used."""
-        grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.s.max_grad_norm)
+        # All of the prepared module's parameters (frozen ones have no gradient): FSDP clips by the norm over
+        # every shard only when handed exactly those.
+        grad_norm = self.accelerator.clip_grad_norm_(self.logps_module.parameters(), self.s.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -390,7 +440,8 @@ class CPORecipe:
         self, log_file, totals: dict, n_pairs: int, grad_norm, lr: float, tokens: int, seconds: float
     ):
         epoch = round(self.step * self.pairs_per_step / len(self.examples), 4)
-        record = step_record(self.step, epoch, totals, n_pairs, float(grad_norm), lr, tokens, seconds)
+        norm = float("nan") if grad_norm is None else float(grad_norm)  # DeepSpeed's, when it has none yet
+        record = step_record(self.step, epoch, totals, n_pairs, norm, lr, tokens, seconds)
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
@@ -408,10 +459,13 @@ class CPORecipe:
         model folder, both safetensors, with the tokenizer; plus a merged model when `save_merged`."""
         out_dir = Path(out_dir)
         self.accelerator.wait_for_everyone()
+        full = self.accelerator.get_state_dict(self.logps_module)  # every process: FSDP/ZeRO-3 gather
         if self.is_main:
+            model = self.accelerator.unwrap_model(self.logps_module).model
+            state = {name.removeprefix("model."): tensor for name, tensor in full.items()}
 
             def write(tmp: Path):
-                self.model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
 
             save_dir_atomic(out_dir, write)
@@ -432,12 +486,13 @@ class CPORecipe:
             "steps": self.step,
             "total_steps": self.total_steps,
             "resumed_from": self.resumed_from,
+            "resumed_checkpoint_written_by": self.resumed_written_by,
             "pairs": len(self.raw_pairs),
             "pairs_used": len(self.examples),
             "skipped": self.skipped,
             "pairs_per_step": self.pairs_per_step,
             "processes": self.world,
-            "trainable_parameters": sum(p.numel() for p in self.trainable),
+            "trainable_parameters": self.n_trainable,
             "device": str(self.device),
             "settings": self.s.model_dump(mode="json") | self._run_context(),
         }

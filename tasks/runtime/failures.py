@@ -2,7 +2,7 @@
 
 Every expected failure is of one kind, and `alma-r` exits with that kind's status (listed in `alma-r --help`):
 
-    config          2   an unknown key, a bad value, an unknown --force stage
+    config          2   an unknown key, a bad value, an unknown --force stage, checkpoints of another run
     input_data      3   a bad input file (misaligned, empty line, invalid UTF-8 or JSON), a table off its
                         schema, scores that cannot be trusted
     resource        4   a missing model or file, refused (pickle) weights, a server or the Hub not answering
@@ -34,7 +34,7 @@ UNEXPECTED = "unexpected"
 EXIT_CODES = {CONFIG: 2, INPUT_DATA: 3, RESOURCE: 4, OUT_OF_MEMORY: 5, INTERRUPTED: 130, UNEXPECTED: 1}
 
 WHAT = {
-    CONFIG: "config error (unknown key, bad value, unknown --force stage)",
+    CONFIG: "config error (unknown key, bad value, unknown --force stage, checkpoints of another run)",
     INPUT_DATA: "input data error (misaligned files, empty line, invalid UTF-8/JSON, a table off its schema)",
     RESOURCE: "resource error (missing model or file, refused .bin weights, a server or the Hub not answering)",
     OUT_OF_MEMORY: "out of memory (torch/Python, or a stage process killed by the out-of-memory killer)",
@@ -45,7 +45,11 @@ WHAT = {
 # Checked in this order: the first kind with a matching class wins.
 CLASSES = {
     INTERRUPTED: ("builtins.KeyboardInterrupt", "prefect.exceptions.TerminationSignal"),
-    CONFIG: ("alma_r.config.base.ConfigError", "pydantic_core._pydantic_core.ValidationError"),
+    CONFIG: (
+        "alma_r.config.base.ConfigError",
+        "pydantic_core._pydantic_core.ValidationError",
+        "alma_r.models.train.checkpoints.CheckpointMismatch",  # checkpoints of another run: start over explicitly
+    ),
     INPUT_DATA: (
         "alma_r.data.readers.IngestError",
         "alma_r.data.io.SchemaError",

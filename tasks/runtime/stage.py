@@ -1,18 +1,28 @@
 """What every stage shares: content fingerprints, completion markers, and the run-or-reuse rule.
 
-A stage's key is a hash of its name, its config sections, the code it runs (the source of its module and of every
-alma_r module that module imports, transitively), the keys of the stages it reads from, and the content of any
-external file it reads. Its folder holds `_COMPLETE.json` once it has finished; a later run with the same key
-and all outputs present and readable reuses it instead of recomputing. The Prefect side of this (cache policy,
+A stage's key is a hash of what its result depends on: its name, the settings of its config sections that change
+a result (models/result_fields.py: logging, checkpoint cadence, batch sizes of inference, worker counts are left
+out), the code of its compute path (the source of its module and of every alma_r module that module imports,
+transitively, and of the scripts those run by path; the orchestration around it, COMPUTE_PATH_EXCLUDES, is
+not), the keys of the stages it reads from, and the content of any external file it reads. Its folder holds
+`_COMPLETE.json` once it has finished; a later run with the same key and all outputs present and readable reuses
+it instead of recomputing.
+
+Nothing is deleted because a key changed: the outputs of an earlier key are moved aside, to
+`<run>/.superseded/<stage>-<key>/`, with one printed line saying why, and only `alma-r prune-cache` removes
+them. A resumable stage (training) that was interrupted keeps its folder when only its code changed: its
+checkpoints carry their own result fingerprint, which the trainer checks. The Prefect side of this (cache policy,
 subprocesses, UI) is tasks/runtime/prefect_stage.py; this module knows nothing of Prefect.
 """
 
 from __future__ import annotations
 
 import ast
+import datetime as dt
 import functools
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +34,20 @@ from alma_r.data.io import write_json_atomic
 
 COMPLETE = "_COMPLETE.json"
 IN_PROGRESS = "_IN_PROGRESS.json"
+SUPERSEDED = ".superseded"  # beside the stage folders of a run: outputs of earlier keys, kept until pruned
+
+# Modules around a stage's computation rather than in it: the CLI, the config schemas (their values enter the key,
+# their help texts must not), the flows and the stage machinery (Prefect wrapper, child processes, this module),
+# the experiments, the progress plumbing and the package's own __init__. Editing them, or upgrading alma-r with
+# only such edits, reuses finished stages.
+COMPUTE_PATH_EXCLUDES = (
+    "alma_r.cli",
+    "alma_r.config",
+    "alma_r.flows",
+    "alma_r.tasks.runtime",
+    "alma_r.experiments",
+    "alma_r.models.progress",
+)
 
 
 @dataclass
@@ -34,6 +58,10 @@ class StageResult:
     counts: dict[str, Any] = field(default_factory=dict)
     cached: bool = False
     seconds: float = 0.0
+    superseded: list[dict] = field(
+        default_factory=list
+    )  # earlier outputs this run moved aside: where and why
+    resumed: dict | None = None  # a resumable stage continued under other code: {"from_code", "code"}
 
     def path(self, name: str) -> Path:
         return Path(self.outputs[name])
@@ -53,9 +81,11 @@ def _locate(module: str) -> Path | None:
     return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
 
 
-def _alma_r_imports(path: Path) -> set[str]:
-    """Every alma_r module a source file imports, at module level or inside functions."""
+def _alma_r_imports(path: Path, module: str) -> set[str]:
+    """Every alma_r module a source file imports, at module level or inside functions, and every module it runs
+    by path: `Path(__file__).with_name("worker.py")` (a sibling) or a `"alma_r.x.y"` string (`python -m`)."""
     imported: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
         if isinstance(node, ast.Import):
             imported |= {a.name for a in node.names if a.name.startswith("alma_r")}
@@ -63,22 +93,42 @@ def _alma_r_imports(path: Path) -> set[str]:
             imported.add(node.module)
             # `from alma_r.models.score import scorers` names a module, not an attribute
             imported |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "with_name" and node.args:
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.endswith(".py"):
+                imported.add(f"{package}.{arg.value[:-3]}")
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and _MODULE_NAME.fullmatch(node.value)
+        ):
+            imported.add(node.value)
     return imported
 
 
+_MODULE_NAME = re.compile(r"alma_r(\.[a-z_][a-z0-9_]*)+")
+
+
+def in_compute_path(module: str) -> bool:
+    return module != "alma_r" and not any(
+        module == prefix or module.startswith(prefix + ".") for prefix in COMPUTE_PATH_EXCLUDES
+    )
+
+
 def module_closure(module: str, locate: Callable[[str], Path | None] = _locate) -> dict[str, Path]:
-    """The source files `module` runs: itself and every alma_r module it imports, transitively."""
+    """The source files `module` runs: itself and every alma_r module of the compute path it imports or runs by
+    path, transitively (the orchestration modules, COMPUTE_PATH_EXCLUDES, neither count nor are followed)."""
     found: dict[str, Path] = {}
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in found:
+        if name in found or (name != module and not in_compute_path(name)):
             continue
         path = locate(name)
         if path is None:  # an attribute imported with `from x import y`, not a module
             continue
         found[name] = path
-        todo += sorted(_alma_r_imports(path) - found.keys())
+        todo += sorted(_alma_r_imports(path, name) - found.keys())
     return found
 
 
@@ -122,6 +172,28 @@ class StageKey:
     key: str
 
 
+class Key(str):
+    """A stage key (a hex string, what caches and markers compare) that also carries what it was made of:
+    `parts`, readable, to say why a key changed, and `resume_key`, the key without the code version, under which
+    an interrupted resumable stage continues."""
+
+    parts: dict
+    resume_key: str
+
+    def __new__(cls, parts: dict):
+        key = super().__new__(cls, _digest(parts)[:20])
+        key.parts = parts
+        key.resume_key = _digest({k: v for k, v in parts.items() if k != "code"})[:20]
+        return key
+
+    def __reduce__(self):  # pickled (Prefect, child processes) with its parts
+        return (Key, (self.parts,))
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def stage_key(
     stage: str,
     config_hash: str,
@@ -129,16 +201,53 @@ def stage_key(
     files: Iterable[Path] = (),
     extra: Any = None,
     module: str = "alma_r.flows.build_alma_r",
-) -> str:
-    payload = {
-        "stage": stage,
-        "config": config_hash,
-        "code": code_version(module),
-        "upstream": sorted(r.key for r in upstream),
-        "files": sorted((str(p), file_digest(p)) for p in files),
-        "extra": extra,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+) -> Key:
+    """`config_hash`: RunConfig.section_hash(...) of the stage's sections; when it carries the settings it hashed
+    (`.settings`), they are kept in the key's parts, so that a changed key can name the setting that changed."""
+    return Key(
+        {
+            "stage": stage,
+            "config": config_hash,
+            "settings": getattr(config_hash, "settings", None),
+            "code": code_version(module),
+            "upstream": sorted(r.key for r in upstream),
+            "files": sorted((str(p), file_digest(p)) for p in files),
+            "extra": extra,
+        }
+    )
+
+
+def why_changed(before: dict, now: dict) -> str:
+    """What differs between two keys' parts, in a few words: the first settings that differ (`train.beta 0.1 ->
+    0.2`), else the code, the upstream stages, the input files or the seed."""
+    if before.get("config") != now.get("config"):
+        old, new = _flatten(before.get("settings") or {}), _flatten(now.get("settings") or {})
+        changed = [
+            f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)
+        ]
+        if changed:
+            return "settings changed: " + "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
+        return "settings changed"
+    for part, words in (
+        ("code", "the code of the stage changed"),
+        ("upstream", "an earlier stage's outputs changed"),
+        ("files", "an input file changed"),
+        ("extra", "the seed or the shard changed"),
+    ):
+        if before.get(part) != now.get(part):
+            return words
+    return "its key changed"
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat = {}
+        for k, v in value.items():
+            flat |= _flatten(v, f"{prefix}{k}.")
+        return flat
+    return {prefix.rstrip("."): value}
 
 
 def _reusable(out_dir: Path, key: str) -> dict | None:
@@ -176,9 +285,43 @@ def is_complete(where: StageKey) -> bool:
     return _reusable(Path(where.out_dir), where.key) is not None
 
 
+def _marker(out_dir: Path) -> dict | None:
+    """The finished or in-progress marker of a stage folder: its key, and its key's parts."""
+    for name, state in ((COMPLETE, "complete"), (IN_PROGRESS, "in_progress")):
+        try:
+            return {**json.loads((out_dir / name).read_text()), "state": state}
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def set_aside(out_dir: Path, why: str) -> dict | None:
+    """Move a stage folder's outputs to `<parent>/.superseded/<stage>-<key>/` (nothing is deleted), print one
+    line saying so and why, and return the record of it (None when there was nothing to move)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return None
+    marker = _marker(out_dir) or {}
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    label = marker.get("key") or f"unfinished-{stamp}"
+    aside = out_dir.parent / SUPERSEDED / f"{out_dir.name}-{label}"
+    if aside.exists():
+        aside = aside.with_name(f"{aside.name}-{stamp}")
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    out_dir.rename(aside)
+    record = {"stage": out_dir.name, "key": marker.get("key"), "path": str(aside), "why": why, "when": stamp}
+    with open(aside.parent / "index.jsonl", "a", encoding="utf-8") as index:
+        index.write(json.dumps(record) + "\n")
+    print(
+        f"[{out_dir.name}] set aside the outputs of key {label} ({why}) in {aside}; `alma-r prune-cache` removes them"
+    )
+    return record
+
+
 def force_recompute(out_dir: Path) -> None:
-    """Make the next run of a stage recompute it (its outputs stay until then)."""
-    (Path(out_dir) / COMPLETE).unlink(missing_ok=True)
+    """Make the next run of a stage recompute it from scratch: its outputs (and a trainer's checkpoints) are set
+    aside, not deleted."""
+    set_aside(Path(out_dir), "recompute forced (--force)")
 
 
 def run_stage(
@@ -186,8 +329,10 @@ def run_stage(
 ) -> StageResult:
     """Reuse the finished stage in `out_dir` if its key matches, else compute it.
 
-    `compute(out_dir) -> (outputs, counts)`. A non-resumable stage starts from an empty folder and leaves none
-    behind when it fails; a resumable one (training) keeps partial work made under the same key.
+    `compute(out_dir) -> (outputs, counts)`. Outputs of another key are set aside first (set_aside). A
+    non-resumable stage starts from an empty folder (what an interrupted run of the same key left is redone
+    from scratch; its caches keep the costly part) and leaves none behind when it fails. A resumable one
+    (training) keeps the partial work of an interrupted run whose key differs at most in the code version.
     """
     stage, out_dir, key = where.stage, Path(where.out_dir), where.key
     done = _reusable(out_dir, key)
@@ -195,17 +340,35 @@ def run_stage(
         return StageResult(
             stage, key, done["outputs"], done.get("counts", {}), cached=True, seconds=done.get("seconds", 0.0)
         )
-    started = None
-    if resumable and (out_dir / IN_PROGRESS).is_file():
-        try:
-            started = json.loads((out_dir / IN_PROGRESS).read_text()).get("key")
-        except (OSError, json.JSONDecodeError):
-            started = None
-    if out_dir.exists() and started != key:
-        shutil.rmtree(out_dir)  # stale outputs of another key must never be mistaken for this run's
+    superseded, resumed = [], None
+    marker = _marker(out_dir)
+    parts = getattr(key, "parts", {})
+    if marker is not None and resumable and marker.get("key") == key:
+        pass  # the same run, interrupted (or an output of it lost): the stage resumes from its checkpoints
+    elif (
+        marker is not None
+        and marker["state"] == "in_progress"
+        and resumable
+        and marker.get("resume_key") == getattr(key, "resume_key", None)
+    ):
+        resumed = {"from_code": (marker.get("parts") or {}).get("code"), "code": parts.get("code")}
+        print(
+            f"[{stage}] resuming the interrupted run under new code ({resumed['from_code']} -> {resumed['code']})"
+        )
+    elif marker is not None and marker.get("key") not in (None, key):
+        record = set_aside(out_dir, why_changed(marker.get("parts") or {}, parts))
+        superseded = [record] if record else []
+    elif marker is None and out_dir.is_dir() and any(out_dir.iterdir()):
+        record = set_aside(out_dir, "no marker: not written by a finished or interrupted stage")
+        superseded = [record] if record else []
+    elif out_dir.exists():
+        shutil.rmtree(out_dir)  # this key's own unfinished, non-resumable attempt: redone from scratch
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / COMPLETE).unlink(missing_ok=True)
-    write_json_atomic(out_dir / IN_PROGRESS, {"key": key})
+    write_json_atomic(
+        out_dir / IN_PROGRESS,
+        {"key": key, "resume_key": getattr(key, "resume_key", None), "parts": parts, "resumed": resumed},
+    )
     t0 = time.perf_counter()
     try:
         outputs, counts = compute(out_dir)
@@ -216,7 +379,17 @@ def run_stage(
     seconds = round(time.perf_counter() - t0, 2)
     outputs = {k: str(v) for k, v in outputs.items()}
     write_json_atomic(
-        out_dir / COMPLETE, {"key": key, "outputs": outputs, "counts": counts, "seconds": seconds}
+        out_dir / COMPLETE,
+        {
+            "key": key,
+            "parts": parts,
+            "outputs": outputs,
+            "counts": counts,
+            "seconds": seconds,
+            "resumed": resumed,
+        },
     )
     (out_dir / IN_PROGRESS).unlink(missing_ok=True)
-    return StageResult(stage, key, outputs, counts, cached=False, seconds=seconds)
+    return StageResult(
+        stage, key, outputs, counts, cached=False, seconds=seconds, superseded=superseded, resumed=resumed
+    )

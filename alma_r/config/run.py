@@ -252,7 +252,8 @@ class GenerateSection(Section):
     batch_size: int = Field(
         16,
         ge=1,
-        description="Prompts per generate call (outputs do not depend on it).",
+        description="Prompts per generate call for greedy and beam decoding (outputs do not depend on it); "
+        "transformers sampling generates each segment's samples in a call of its own (per-segment seeds).",
         json_schema_extra=NOT_A_RESULT,
     )
 

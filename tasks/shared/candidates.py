@@ -16,8 +16,8 @@ def write_candidates(
     system: str, rows: list[dict], prompts: int, out_dir: Path, outputs: dict, counts: dict
 ) -> None:
     """Write candidates/<system>.parquet with `rows` and record it in a generate stage's `outputs` and `counts`:
-    the rows generated, and the prompts (of `prompts`) skipped for being over the prompt limit, which got no
-    row."""
+    the rows, and the prompts (of `prompts`) skipped for being over the prompt limit, which got no row. A stage
+    with a generation cache overwrites `<system>/generated` with what it made itself (tasks/generate.py)."""
     outputs[f"{PREFIX}{system}"] = write_table(rows, out_dir / "candidates" / f"{system}.parquet", CANDIDATES)
     counts[f"{system}/generated"] = len(rows)
     counts[f"{system}/skipped_prompt_too_long"] = prompts - len(rows)

@@ -52,7 +52,8 @@ def run_learning_check_cli(args: argparse.Namespace) -> int:
     print()
     print(lc.per_seed_table(results))
     if args.write_doc:
-        command = f"alma-r learning-check --variant {variant.name} --seeds {args.seeds} --write-doc"
+        jobs = f" --jobs {args.jobs}" if args.jobs > 1 else ""
+        command = f"alma-r learning-check --variant {variant.name} --seeds {args.seeds}{jobs} --write-doc"
         section = doc.render_section(variant, results, command, seconds, jobs=args.jobs)
         path = doc.update_doc(Path(args.doc) if args.doc else doc.DOC_PATH, variant, section)
         print(f"\nwrote {path}")

@@ -357,10 +357,12 @@ def ablation_table(results: list[SeedResult]) -> str:
 
 
 def per_seed_table(results: list[SeedResult]) -> str:
-    """Selection and exact match per seed: the spread of the means above is often one or two bad seeds."""
+    """Selection, exact match and the test's bars per seed (tests/test_learning_check.py: CPO keeps > 0.9 of the
+    adjectives and >= 0.95 exact match without one, SFT < 0.3): the spread of the means is often one bad seed."""
     systems = [s for s in SYSTEMS if s in results[0].metrics]
     header = ["seed", "pairs", "chosen = reference", "dropped (ties)"]
-    header += [f"{LABELS[s].split(' (')[0]} exact match" for s in systems] + ["seconds"]
+    header += [f"{LABELS[s].split(' (')[0]} exact match" for s in systems]
+    header += ["SFT adjectives kept", "CPO adjectives kept", "CPO exact match, no adjective", "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for r in results:
         cells = [
@@ -369,7 +371,13 @@ def per_seed_table(results: list[SeedResult]) -> str:
             f"{r.chosen_from_reference:.2f}",
             str(sum(r.dropped.values())),
         ]
-        cells += [f"{r.metrics[s]['exact_match']:.3f}" for s in systems] + [f"{sum(r.seconds.values()):.0f}"]
+        cells += [f"{r.metrics[s]['exact_match']:.3f}" for s in systems]
+        cells += [
+            f"{r.metrics['sft']['adjective_kept']:.3f}",
+            f"{r.metrics['cpo']['adjective_kept']:.3f}",
+            f"{r.metrics['cpo']['exact_match_no_adjective']:.3f}",
+            f"{sum(r.seconds.values()):.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -100,6 +100,13 @@ The outcome must not depend on the CPU's instruction set: torch's CPU kernels (A
 MKL) pick AVX-512, AVX2 or narrower code paths by CPU, and their roundings differ. A section measured with
 `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2` set is kept beside the default
 one (its title names the limits; the machine line names the kernels that ran).
+
+Measured on one AMD EPYC with AVX-512, 10 seeds under both (the two sections below): every seed clears the
+issue's bars under both instruction sets with wide margins (CPO keeps at least 0.995 of the adjectives, SFT at
+most 0.129), and the numbers move with the kernels (seed 7's CPO exact match 0.963 vs 0.900). The test's own
+guard against a gamed metric, CPO's exact match without an adjective >= 0.95, is the tight one: seeds 0-2 (the
+test's) reach 0.985-1.000, but seed 7 gives 0.950 and, under AVX2, 0.845 (CPO repeats a noun phrase where no
+adjective follows, the pitfall noted in `Sizes`).
 """
 
 

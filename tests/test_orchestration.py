@@ -85,6 +85,20 @@ def start_flow(env: dict, config: Path, overrides: list[str]) -> subprocess.Pope
     )
 
 
+def cached_generations(runs: Path) -> int:
+    """Entries of the run root's generation cache (models/generate/cache.py), read while the flow writes it."""
+    import sqlite3
+
+    path = runs / "_cache" / "generations.sqlite"
+    if not path.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("SELECT COUNT(*) FROM generations WHERE text IS NOT NULL").fetchone()[0]
+    except sqlite3.Error:  # not created yet, or locked for a moment
+        return 0
+
+
 def edited_sources(staging: Path) -> Path:
     """alma_r laid out as Python sees it (scripts/lint_imports.py), with two edits around the computation that
     change no result: a CLI module and a help text of the config schema. Returns the PYTHONPATH entry."""
@@ -164,10 +178,11 @@ def test_sigkill_in_generate_score_and_train_with_harmless_changes_between(prefe
     def stages() -> dict:
         return json.loads((run_dir / "run.json").read_text())["stages"]
 
-    # 1. killed while generating
+    # 1. killed while generating, once the generation cache holds the first system's batch
     flow = start_flow(env, config, overrides)
-    kill_when(flow, lambda: (run_dir / "generate" / "_IN_PROGRESS.json").exists())
+    kill_when(flow, lambda: cached_generations(tmp_path / "runs") > 0)
     assert not (run_dir / "generate" / "_COMPLETE.json").exists()
+    made_before_the_kill = cached_generations(tmp_path / "runs")
 
     # 2. another inference batch size; killed while scoring (the COMET model loading or scoring)
     flow = start_flow(env, config, [*overrides, "generate.batch_size=3"])
@@ -176,6 +191,9 @@ def test_sigkill_in_generate_score_and_train_with_harmless_changes_between(prefe
     for stage in ("ingest", "prepare_model", "sft"):
         assert second[stage]["cached"] is True, stage
     assert second["generate"]["cached"] is False and "score" not in second
+    # generation resumed: what the killed run made comes from the cache, only the rest is generated
+    assert second["generate"]["counts"]["from_cache"] == made_before_the_kill
+    assert second["generate"]["counts"]["generated"] > 0
 
     # 3. another logging cadence, run from sources with an edited CLI module and config help text; killed in
     #    training after its second checkpoint

@@ -457,7 +457,12 @@ def main():
     )
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak (dense, this dtype) for MFU")
     p.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("ALMA_DATA", "/work/shared/data/alma"))
+        "--data-dir",
+        type=Path,
+        default=os.environ.get("ALMA_DATA"),
+        required="ALMA_DATA" not in os.environ,
+        help="a copy of ALMA's data folder (github.com/fe1ixxu/ALMA: human_written_data/, outputs/); "
+        "default $ALMA_DATA",
     )
     p.add_argument("--pairs-file", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json-out", type=Path, default=None, help=argparse.SUPPRESS)

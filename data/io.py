@@ -15,6 +15,10 @@ import pyarrow.parquet as pq
 
 from alma_r.data.schemas import required_columns
 
+# Where replaced outputs go instead of being deleted (a stage's outputs of an earlier key, a restarted trainer's
+# checkpoints): beside the folder they came from, until `alma-r prune-cache` removes them.
+SUPERSEDED = ".superseded"
+
 
 class SchemaError(ValueError):
     """A table that breaks its contract; the message names the file, the row and the column."""

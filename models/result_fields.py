@@ -14,12 +14,9 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from alma_r.data.digests import json_sha256
+
 NOT_A_RESULT = {"affects_result": False}
-
-
-def not_a_result(**extra: Any) -> dict:
-    """`json_schema_extra` of a field that does not change a result, with other hints (e.g. `trl=...`)."""
-    return {**extra, **NOT_A_RESULT}
 
 
 def affects_result(field: FieldInfo) -> bool:
@@ -45,6 +42,34 @@ def _prune(value: Any, dumped: Any) -> Any:
     if isinstance(value, dict):
         return {k: _prune(v, d) for (k, d), v in zip(dumped.items(), value.values(), strict=True)}
     return dumped
+
+
+def flat_settings(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level of dotted names (`lora.r`, `train.beta`), for readable fingerprints and diffs."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= flat_settings(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Fingerprint(str):
+    """The first `length` hex digits of the sha256 of JSON `parts`: a string (what caches and markers compare)
+    that keeps its parts, so that a changed fingerprint can say what changed. Pickles with its parts (Prefect's
+    cache, stage child processes)."""
+
+    length = 16
+    parts: dict
+
+    def __new__(cls, parts: dict):
+        fingerprint = super().__new__(cls, json_sha256(parts)[: cls.length])
+        fingerprint.parts = parts
+        return fingerprint
+
+    def __reduce__(self):
+        return (type(self), (self.parts,))
 
 
 def non_result_fields(model: type[BaseModel], prefix: str = "") -> list[str]:

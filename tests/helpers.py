@@ -1,11 +1,23 @@
 """Helpers that several test modules import: HTTP servers on loopback that stand in for OpenAI-compatible
-endpoints (tests/test_openai_backend.py, tests/test_judge.py)."""
+endpoints (tests/test_openai_backend.py, tests/test_judge.py), and the digests of a folder's files (what was
+set aside or refused must be byte-identical)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def files_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by its path relative to it."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 class QuietHandler(BaseHTTPRequestHandler):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.helpers import files_digest
 
 MINI = [
     "sft.max_steps=8",
@@ -178,16 +179,6 @@ def test_ui_artifacts_progress_tables_and_report(finished_run):
     assert {"alma-r-train-metrics", "alma-r-eval-tiny", "alma-r-report-tiny", "alma-r-scores-tiny"} <= keys
 
 
-def file_digests(folder: Path) -> dict[str, str]:
-    import hashlib
-
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 def test_a_changed_result_setting_sets_the_old_outputs_aside(finished_run):
     """Last in this module: it retrains the shared run. train.beta changes the train key: the finished train
     folder is moved, whole and byte-identical, to .superseded/train-<old key>/, which run.json and the report
@@ -197,7 +188,7 @@ def test_a_changed_result_setting_sets_the_old_outputs_aside(finished_run):
 
     run_dir, *_ = finished_run
     config = run_dir.parent.parent / "mini.yaml"
-    before = file_digests(run_dir / "train")
+    before = files_digest(run_dir / "train")
     old_key = json.loads((run_dir / "train" / "_COMPLETE.json").read_text())["key"]
 
     build_alma_r(config_path=str(config), overrides=[*MINI, "train.logging_steps=1"])
@@ -207,7 +198,7 @@ def test_a_changed_result_setting_sets_the_old_outputs_aside(finished_run):
     build_alma_r(config_path=str(config), overrides=[*MINI, "train.beta=0.2"])
     record = json.loads((run_dir / "run.json").read_text())
     aside = run_dir / SUPERSEDED / f"train-{old_key}"
-    assert file_digests(aside) == before
+    assert files_digest(aside) == before
     assert record["stages"]["train"]["cached"] is False
     # evaluate and report are set aside too: they read the old adapter ("an earlier stage's outputs changed")
     assert sorted(e["stage"] for e in record["superseded"]) == ["evaluate", "report", "train"]

@@ -13,21 +13,28 @@ from alma_r.data.schemas import CANDIDATES, SEGMENTS
 from alma_r.models.prompts import load_shots, make_prompt
 from alma_r.tasks.generate import run_generate, system_prompts
 
-SRC = (SAMPLE_DIR / "human_written/deen/train.de-en.de").read_text(encoding="utf-8").splitlines()[:5]
-REF = (SAMPLE_DIR / "human_written/deen/train.de-en.en").read_text(encoding="utf-8").splitlines()[:5]
-SEGS = [
-    {
-        "id": f"hw:de-en:{i}",
-        "lp": "de-en",
-        "src_lang": "de",
-        "tgt_lang": "en",
-        "src": s,
-        "ref": r,
-        "origin": "hw",
-        "split": "train",
-    }
-    for i, (s, r) in enumerate(zip(SRC, REF, strict=True))
-]
+
+def training_segments(n: int) -> list[dict]:
+    """The first n de-en lines of the bundled human-written data as SEGMENTS rows of the training split."""
+    src = (SAMPLE_DIR / "human_written/deen/train.de-en.de").read_text(encoding="utf-8").splitlines()[:n]
+    ref = (SAMPLE_DIR / "human_written/deen/train.de-en.en").read_text(encoding="utf-8").splitlines()[:n]
+    return [
+        {
+            "id": f"hw:de-en:{i}",
+            "lp": "de-en",
+            "src_lang": "de",
+            "tgt_lang": "en",
+            "src": s,
+            "ref": r,
+            "origin": "hw",
+            "split": "train",
+        }
+        for i, (s, r) in enumerate(zip(src, ref, strict=True))
+    ]
+
+
+SEGS = training_segments(5)
+SRC = [row["src"] for row in SEGS]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from alma_r.config import SAMPLE_DIR, load_config
+from alma_r.config import load_config
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.schemas import CANDIDATES, SEGMENTS
 from alma_r.models.generate.cache import (
@@ -33,22 +33,9 @@ from alma_r.models.loading import ModelNotFoundError, load_model, load_tokenizer
 from alma_r.models.prompts import make_prompt
 from alma_r.tasks import generate as stage
 from alma_r.tasks.generate import generation_cache_path, run_generate
+from tests.test_generate_stage import training_segments
 
-SRC = (SAMPLE_DIR / "human_written/deen/train.de-en.de").read_text(encoding="utf-8").splitlines()[:8]
-REF = (SAMPLE_DIR / "human_written/deen/train.de-en.en").read_text(encoding="utf-8").splitlines()[:8]
-SEGS = [
-    {
-        "id": f"hw:de-en:{i}",
-        "lp": "de-en",
-        "src_lang": "de",
-        "tgt_lang": "en",
-        "src": s,
-        "ref": r,
-        "origin": "hw",
-        "split": "train",
-    }
-    for i, (s, r) in enumerate(zip(SRC, REF, strict=True))
-]
+SEGS = training_segments(8)
 GREEDY = "{name: greedy, max_new_tokens: 8}"
 SAMPLED = "{name: s, do_sample: true, n: 2, max_new_tokens: 8}"
 

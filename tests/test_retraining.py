@@ -13,7 +13,6 @@ import yaml
 from alma_r.config import SAMPLE_DIR
 from alma_r.data.io import read_rows
 from alma_r.data.schemas import CANDIDATES
-from alma_r.models.tiny import build_tiny_model
 from tests.test_flow_e2e import MINI, mini_config
 
 FIRST, ADDED = 12, 4  # training lines per language, then appended
@@ -31,23 +30,14 @@ def training_files(folder: Path, lines: int) -> dict[str, Path]:
     return out
 
 
-def test_grown_training_data_generates_and_scores_only_the_new_segments(tmp_path, prefect_harness):
+def test_grown_training_data_generates_and_scores_only_the_new_segments(
+    tmp_path, prefect_harness, tiny_model_dir
+):
     from alma_r.flows.build_alma_r import build_alma_r
 
     # A fixed base model, as a real run has (a Hub id or a folder): the tiny config's own model is built from
     # the training text, so growing the data would make a new model and nothing could be reused.
-    texts = (SAMPLE_DIR / "human_written/deen/train.de-en.en").read_text(encoding="utf-8").splitlines()[:300]
-    base = build_tiny_model(
-        texts,
-        tmp_path / "base",
-        vocab_size=400,
-        hidden_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        seed=0,
-    )
+    base = tiny_model_dir
     files = training_files(tmp_path / "data", FIRST)
     config = yaml.safe_load(mini_config(tmp_path).read_text())
     train_source = next(s for s in config["ingest"]["sources"] if s["split"] == "train")

@@ -4,7 +4,6 @@ checkpoints aside; every process's RNG is restored, so a resume with LoRA dropou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from alma_r.models.train import checkpoints
 from alma_r.models.train.checkpoints import CheckpointMismatch
 from alma_r.models.train.recipe import CPORecipe
+from tests.helpers import files_digest
 from tests.test_train_cli import ENV, adapter, pairs_file, train_cmd  # noqa: F401 (pairs_file: a fixture)
 from tests.test_trainer import PAIRS, Crash, losses, settings
 
@@ -26,12 +26,9 @@ from tests.test_trainer import PAIRS, Crash, losses, settings
 RUN = ("--max-steps", "6", "--per-device-train-batch-size", "2", "--lora-dropout", "0.1")
 
 
-def files_digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+def run_train(model: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`alma-r train` with this file's run settings (RUN) and `extra`, its output captured."""
+    return subprocess.run(train_cmd(model, data, out, *RUN, *extra), env=ENV, capture_output=True, text=True)
 
 
 def reversed_pairs(source: Path, folder: Path) -> Path:
@@ -61,12 +58,7 @@ def test_other_data_is_refused_and_the_same_data_resumes_to_the_same_adapter(
     shutil.copytree(earlier_run, out)
     before = files_digest(out / "checkpoints")
     other = reversed_pairs(pairs_file, tmp_path)
-    refused = subprocess.run(
-        train_cmd(tiny_model_dir, other, out, *RUN, "--save-steps", "2"),
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    refused = run_train(tiny_model_dir, other, out, "--save-steps", "2")
     assert refused.returncode == 2, refused.stderr[-2000:]  # a config error (tasks/runtime/failures.py)
     assert "Traceback" not in refused.stderr  # one line, not a bug report
     last = refused.stderr.strip().splitlines()[-1]
@@ -76,12 +68,7 @@ def test_other_data_is_refused_and_the_same_data_resumes_to_the_same_adapter(
     assert files_digest(out / "checkpoints") == before  # refused, not deleted nor rewritten
 
     # The same data with another logging and checkpoint cadence: the same run, resumed from step 4.
-    resumed = subprocess.run(
-        train_cmd(tiny_model_dir, pairs_file, out, *RUN, "--save-steps", "3", "--logging-steps", "2"),
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    resumed = run_train(tiny_model_dir, pairs_file, out, "--save-steps", "3", "--logging-steps", "2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["resumed_from"] == 4 and summary["steps"] == 6
@@ -107,12 +94,7 @@ def test_restart_sets_the_checkpoints_aside_and_trains_from_step_0(
     shutil.copytree(earlier_run, out)
     before = files_digest(out / "checkpoints")
     other = reversed_pairs(pairs_file, tmp_path)
-    done = subprocess.run(
-        train_cmd(tiny_model_dir, other, out, *RUN, "--save-steps", "2", "--restart"),
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    done = run_train(tiny_model_dir, other, out, "--save-steps", "2", "--restart")
     assert done.returncode == 0, done.stderr[-2000:]
     (aside,) = (out / ".superseded").iterdir()
     assert aside.name.startswith("checkpoints-")

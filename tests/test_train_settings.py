@@ -123,7 +123,7 @@ def test_a_field_added_once_reaches_the_help_the_flags_the_config_and_the_finger
     )
     settings, _ = settings_from_args(args)
     assert isinstance(settings, WithEntropyBonus) and settings.entropy_bonus == 0.3
-    assert settings.fingerprint(seed=1) != WithEntropyBonus().fingerprint(seed=1)  # a checkpoint notices it
+    assert settings.identity(seed=1) != WithEntropyBonus().identity(seed=1)  # a checkpoint notices it
 
     class Config(RunConfig):
         train: WithEntropyBonus = WithEntropyBonus()
@@ -172,10 +172,10 @@ def test_fingerprint_covers_the_maths_and_the_run_context_only():
         "save_merged": True,
         "logits_chunk_size": 8,
     }.items():
-        assert TrainSettings(**{name: value}).fingerprint(seed=1) == base.fingerprint(seed=1), name
-    assert TrainSettings(beta=0.2).fingerprint(seed=1) != base.fingerprint(seed=1)
-    assert base.fingerprint(seed=2) != base.fingerprint(seed=1)
-    assert base.fingerprint(seed=1, dtype="bfloat16") != base.fingerprint(seed=1, dtype="float32")
+        assert TrainSettings(**{name: value}).identity(seed=1) == base.identity(seed=1), name
+    assert TrainSettings(beta=0.2).identity(seed=1) != base.identity(seed=1)
+    assert base.identity(seed=2) != base.identity(seed=1)
+    assert base.identity(seed=1, dtype="bfloat16") != base.identity(seed=1, dtype="float32")
 
 
 def test_simpo_gamma_beta_ratio_sets_gamma_for_simpo():

@@ -70,7 +70,9 @@ def stage_records(storage: Path) -> list[Path]:
 
 def superseded_folders(runs: Path) -> list[Path]:
     """What runs under `runs` set aside when a stage's key changed (tasks/runtime/stage.py::set_aside)."""
-    return sorted(p for p in runs.glob("**/.superseded/*") if p.is_dir())
+    from alma_r.data.io import SUPERSEDED
+
+    return sorted(p for p in runs.glob(f"**/{SUPERSEDED}/*") if p.is_dir())
 
 
 def run_prune(args: argparse.Namespace) -> int:

@@ -4,14 +4,12 @@ nearest-key hint, `sample:` paths, and the fingerprint of sections that stage ke
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 import alma_r.data
-from alma_r.models.result_fields import result_dump
+from alma_r.models.result_fields import Fingerprint, result_dump
 
 SAMPLE_PREFIX = "sample:"
 SAMPLE_DIR = Path(alma_r.data.__file__).resolve().parent / "sample"
@@ -31,27 +29,11 @@ def nearest_key(key: str, valid: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-class SectionsHash(str):
-    """A fingerprint of config sections (what stage keys hash) that keeps the settings it was computed from, so
-    that a stage whose key changed can say which setting changed."""
-
-    settings: dict
-
-    def __new__(cls, settings: dict):
-        value = super().__new__(
-            cls, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        )
-        value.settings = settings
-        return value
-
-    def __reduce__(self):
-        return (SectionsHash, (self.settings,))
-
-
-def sections_hash(config: BaseModel, *sections: str) -> SectionsHash:
+def sections_hash(config: BaseModel, *sections: str) -> Fingerprint:
     """A fingerprint of some sections of a config, for stage keys: a stage reruns when its own settings change,
-    and only those that change a result (models/result_fields.py). An unset optional section counts as null."""
-    return SectionsHash({s: getattr(config, s) and result_dump(getattr(config, s)) for s in sections})
+    and only those that change a result (models/result_fields.py). An unset optional section counts as null.
+    Its `parts` are the settings hashed, so that a changed stage key can name the setting that changed."""
+    return Fingerprint({s: getattr(config, s) and result_dump(getattr(config, s)) for s in sections})
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:

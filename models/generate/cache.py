@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from alma_r.data.digests import file_sha256
 from alma_r.models.generate.hf_backend import Decoding
 from alma_r.models.loading import check_model_path
 
@@ -135,16 +136,13 @@ class GenerationCache:
             ).fetchone()
         if row:
             return row[0]
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        digest = file_sha256(path)
         with self._connect() as db:
             db.execute(
                 "INSERT OR REPLACE INTO file_digests (path, size, mtime_ns, digest) VALUES (?, ?, ?, ?)",
-                (str(path), stat.st_size, stat.st_mtime_ns, digest.hexdigest()),
+                (str(path), stat.st_size, stat.st_mtime_ns, digest),
             )
-        return digest.hexdigest()
+        return digest
 
     def source_fingerprint(self, name: str, config_file: str) -> dict:
         """A local folder by the digests of its files (hidden ones aside), wherever it lies; a Hub id by its id

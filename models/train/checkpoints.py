@@ -22,13 +22,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from alma_r.data.digests import json_sha256
+from alma_r.data.io import SUPERSEDED
+from alma_r.models.result_fields import flat_settings
+
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 TRAINER_STATE = "trainer_state.pt"
 WEIGHTS = "trainable.safetensors"
 FINGERPRINT = (
     "fingerprint.json"  # the fingerprint and its parts again, for people (trainer_state.pt has them)
 )
-SUPERSEDED = ".superseded"
 REFERENCE_CACHE = "reference_logps-*.safetensors"
 START_OVER_HINT = "use a new --output folder, or --restart to set these checkpoints aside"
 
@@ -85,16 +88,6 @@ def weights_identity(model_path: str | None) -> str | None:
     return f"hub {model_path}@{hub_revision(model_path)}"
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def result_parts(
     model: str | None, adapter: str | None, pairs_digest: str, identity: dict, world_size: int
 ) -> dict:
@@ -105,13 +98,13 @@ def result_parts(
         "model": model,
         "adapter": adapter,
         "pairs digest": pairs_digest,
-        **_flat(identity),
+        **flat_settings(identity),
         "world_size": world_size,
     }
 
 
 def fingerprint(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return json_sha256(parts)[:16]
 
 
 def reference_fingerprint(parts: dict) -> str:

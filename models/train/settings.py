@@ -16,8 +16,6 @@ model's) are given to the recipe beside these settings, and enter its checkpoint
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -172,6 +170,3 @@ class TrainSettings(BaseModel):
         too: seed, dtype, trust_remote_code)."""
         dumped = {k: v for k, v in result_dump(self).items() if k not in NOT_IN_CHECKPOINT}
         return dumped | context
-
-    def fingerprint(self, **context) -> str:
-        return hashlib.sha256(json.dumps(self.identity(**context), sort_keys=True).encode()).hexdigest()[:16]

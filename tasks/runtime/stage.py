@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alma_r.data.io import write_json_atomic
+from alma_r.data.digests import file_sha256, json_sha256
+from alma_r.data.io import SUPERSEDED, write_json_atomic
+from alma_r.models.result_fields import Fingerprint, flat_settings
 
 COMPLETE = "_COMPLETE.json"
 IN_PROGRESS = "_IN_PROGRESS.json"
-SUPERSEDED = ".superseded"  # beside the stage folders of a run: outputs of earlier keys, kept until pruned
 
 # Modules around a stage's computation rather than in it: the CLI, the config schemas (their values enter the key,
 # their help texts must not), the flows and the stage machinery (Prefect wrapper, child processes, this module),
@@ -155,14 +156,6 @@ def _hash_sources(files: dict[str, Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class StageKey:
     """Where a stage writes and the fingerprint its outputs are valid for."""
@@ -172,26 +165,15 @@ class StageKey:
     key: str
 
 
-class Key(str):
-    """A stage key (a hex string, what caches and markers compare) that also carries what it was made of:
-    `parts`, readable, to say why a key changed, and `resume_key`, the key without the code version, under which
-    an interrupted resumable stage continues."""
+class Key(Fingerprint):
+    """A stage key: a fingerprint of its `parts` (readable, to say why a key changed) whose `resume_key`, the key
+    without the code version, is the one under which an interrupted resumable stage continues."""
 
-    parts: dict
-    resume_key: str
+    length = 20
 
-    def __new__(cls, parts: dict):
-        key = super().__new__(cls, _digest(parts)[:20])
-        key.parts = parts
-        key.resume_key = _digest({k: v for k, v in parts.items() if k != "code"})[:20]
-        return key
-
-    def __reduce__(self):  # pickled (Prefect, child processes) with its parts
-        return (Key, (self.parts,))
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    @functools.cached_property
+    def resume_key(self) -> str:
+        return json_sha256({k: v for k, v in self.parts.items() if k != "code"})[: self.length]
 
 
 def stage_key(
@@ -203,15 +185,15 @@ def stage_key(
     module: str = "alma_r.flows.build_alma_r",
 ) -> Key:
     """`config_hash`: RunConfig.section_hash(...) of the stage's sections; when it carries the settings it hashed
-    (`.settings`), they are kept in the key's parts, so that a changed key can name the setting that changed."""
+    (a Fingerprint's `parts`), they are kept in the key's parts, so that a changed key can name the setting."""
     return Key(
         {
             "stage": stage,
             "config": config_hash,
-            "settings": getattr(config_hash, "settings", None),
+            "settings": getattr(config_hash, "parts", None),
             "code": code_version(module),
             "upstream": sorted(r.key for r in upstream),
-            "files": sorted((str(p), file_digest(p)) for p in files),
+            "files": sorted((str(p), file_sha256(p)) for p in files),
             "extra": extra,
         }
     )
@@ -221,7 +203,7 @@ def why_changed(before: dict, now: dict) -> str:
     """What differs between two keys' parts, in a few words: the first settings that differ (`train.beta 0.1 ->
     0.2`), else the code, the upstream stages, the input files or the seed."""
     if before.get("config") != now.get("config"):
-        old, new = _flatten(before.get("settings") or {}), _flatten(now.get("settings") or {})
+        old, new = flat_settings(before.get("settings") or {}), flat_settings(now.get("settings") or {})
         changed = [
             f"{k} {old.get(k)!r} -> {new.get(k)!r}"
             for k in sorted(old.keys() | new.keys())
@@ -239,15 +221,6 @@ def why_changed(before: dict, now: dict) -> str:
         if before.get(part) != now.get(part):
             return words
     return "its key changed"
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat = {}
-        for k, v in value.items():
-            flat |= _flatten(v, f"{prefix}{k}.")
-        return flat
-    return {prefix.rstrip("."): value}
 
 
 def _reusable(out_dir: Path, key: str) -> dict | None:

@@ -52,6 +52,44 @@ CANDIDATES = pa.schema(
 # configured system may not take this name. Defined once, here, for every stage, CLI and experiment.
 REFERENCE = "reference"
 
+# One translation that an ingest source carried beside its segments (ALMA-R-Preference's GPT-4 and ALMA-13B-LoRA
+# translations): the generate stage's `ingested` backend turns these into CANDIDATES rows.
+INGESTED_TRANSLATIONS = pa.schema(
+    [
+        _field("segment_id", pa.string()),
+        _field("lp", pa.string()),
+        _field("system", pa.string()),  # the system name given in the source's `systems`
+        _field("hypothesis", pa.string()),
+        _field("origin", pa.string()),  # the source (dataset) it came from
+    ]
+)
+
+# One score published with an ingest source, for a carried translation or the reference (system REFERENCE):
+# the score stage's `published:<name>` metrics read these instead of running a model.
+PUBLISHED_SCORES = pa.schema(
+    [
+        _field("segment_id", pa.string()),
+        _field("lp", pa.string()),
+        _field("system", pa.string()),
+        _field("metric", pa.string()),  # "published:<name>", e.g. "published:kiwi_xcomet"
+        _field("score", pa.float64()),
+        _field("origin", pa.string()),
+    ]
+)
+
+# One human preference label published with an ingest source (ALMA-R-Preference's Delta, where nonzero): the
+# select stage takes it over the metric ranking, as ALMA-R does.
+HUMAN_PREFERENCES = pa.schema(
+    [
+        _field("segment_id", pa.string()),
+        _field("lp", pa.string()),
+        _field("chosen_system", pa.string()),
+        _field("rejected_system", pa.string()),
+        _field("label", pa.float64()),  # the published value (its sign says which system is preferred)
+        _field("origin", pa.string()),
+    ]
+)
+
 # One score of one candidate (or of the reference, system REFERENCE) by one metric.
 SCORES = pa.schema(
     [
@@ -134,6 +172,9 @@ INSTRUCTIONS = pa.schema(
 ALL = {
     "segments": SEGMENTS,
     "candidates": CANDIDATES,
+    "ingested_translations": INGESTED_TRANSLATIONS,
+    "published_scores": PUBLISHED_SCORES,
+    "human_preferences": HUMAN_PREFERENCES,
     "scores": SCORES,
     "pairs": PAIRS,
     "dropped": DROPPED,

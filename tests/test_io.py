@@ -63,6 +63,9 @@ def test_schemas_declare_required_and_optional_columns():
     assert set(ALL) == {
         "segments",
         "candidates",
+        "ingested_translations",
+        "published_scores",
+        "human_preferences",
         "scores",
         "pairs",
         "dropped",

@@ -21,9 +21,10 @@ from alma_r.models.train.settings import LoraSettings, TrainSettings
 class SourceConfig(Section):
     """One input of the ingest stage."""
 
-    kind: Literal["alma_json", "aligned_text", "sacrebleu"] = Field(
+    kind: Literal["alma_json", "aligned_text", "sacrebleu", "hf_dataset"] = Field(
         description="alma_json: ALMA's {'translation': {..}} JSON lines or list; aligned_text: two line-aligned "
-        "plain-text files; sacrebleu: a WMT test set through sacrebleu's API (needs the internet once)."
+        "plain-text files; sacrebleu: a WMT test set through sacrebleu's API (needs the internet once); "
+        "hf_dataset: a Hugging Face dataset (Hub id at a revision, or a local dataset folder)."
     )
     name: str = Field(
         description="Origin name recorded on every segment, e.g. 'wmt22' or 'alma-human-written'."
@@ -35,6 +36,44 @@ class SourceConfig(Section):
     files: dict[str, str] | None = Field(None, description="aligned_text: {lang: file} for both languages.")
     test_set: str | None = Field(None, description="sacrebleu: test set name, e.g. 'wmt22'.")
     max_segments: int | None = Field(None, ge=1, description="Read only the first N items/lines.")
+    dataset: str | None = Field(
+        None, description="hf_dataset: Hub id (e.g. haoranxu/ALMA-R-Preference) or a local dataset folder."
+    )
+    dataset_config: str | None = Field(None, description="hf_dataset: the dataset's config name, e.g. 'de-en'.")
+    hf_split: str | None = Field(None, description="hf_dataset: the dataset's split to read (default: `split`).")
+    revision: str | None = Field(
+        None, description="hf_dataset: branch, tag, refs/pr/N or commit sha of the Hub dataset (None: main)."
+    )
+    translation_field: str = Field(
+        "translation",
+        description="hf_dataset: the struct column holding {lang: text} (ALMA-R-Preference: 'translation'; "
+        "WMT22-Test: the config's name, e.g. 'cs-en'). Unused when `columns` is given.",
+    )
+    columns: dict[str, str] | None = Field(
+        None, description="hf_dataset with flat columns: {lang: column} for both languages of the pair."
+    )
+    systems: dict[str, str] | None = Field(
+        None,
+        description="hf_dataset: translations the dataset carries, {system name: field prefix}; the translation "
+        "into <tgt> is `<prefix>_<tgt>` (ALMA-R-Preference: {gpt4: gpt4, alma-13b-lora: alma}). A generate "
+        "system with backend `ingested` and the same name turns them into candidates.",
+    )
+    published_scores: list[str] = Field(
+        default_factory=list,
+        description="hf_dataset: scores the dataset carries for those translations, `<prefix>_<tgt>_<name>` and "
+        "`ref_<tgt>_<name>` for the reference (ALMA-R-Preference: kiwi, xcomet, kiwi_xcomet); the score stage's "
+        "metric `published:<name>` reads them instead of running a model.",
+    )
+    preference_field: str | None = Field(
+        None,
+        description="hf_dataset: a human preference label between the first two `systems` (ALMA-R-Preference: "
+        "Delta; > 0 prefers the first, < 0 the second, 0 or null: no label). select.human_preferences uses it.",
+    )
+    direction_field: str | None = Field(
+        None,
+        description="hf_dataset: a field that, when non-empty, names the only direction to emit for the row "
+        "(ALMA-R-Preference: required_directions).",
+    )
 
     @field_validator("pair")
     @classmethod
@@ -51,7 +90,9 @@ class SourceConfig(Section):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> SourceConfig:
-        need = {"alma_json": "path", "aligned_text": "files", "sacrebleu": "test_set"}[self.kind]
+        need = {"alma_json": "path", "aligned_text": "files", "sacrebleu": "test_set", "hf_dataset": "dataset"}[
+            self.kind
+        ]
         if getattr(self, need) is None:
             raise ValueError(f"source '{self.name}' of kind {self.kind} needs '{need}'")
         if self.kind == "aligned_text" and set(self.files) != set(split_lp(self.pair)):
@@ -143,8 +184,20 @@ class ModelSection(Section):
         "tiny",
         description="Base model: a Hugging Face id or local folder, or 'tiny' to build a tiny LLaMA locally.",
     )
+    revision: str | None = Field(
+        None,
+        description="Hub revision of `base`: branch, tag, refs/pr/N or commit sha (None: main). Pin it: a branch "
+        "moves. haoranxu/ALMA-13B-Pretrain's main ships .bin shards only; its refs/pr/4 holds safetensors.",
+    )
     adapter: str | None = Field(
         None, description="LoRA adapter to continue from (ALMA-R continues haoranxu/ALMA-13B-Pretrain-LoRA)."
+    )
+    adapter_revision: str | None = Field(None, description="Hub revision of `adapter` (None: main).")
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Load .bin/.pt weights of `base` and `adapter` when a revision has no safetensors: read with "
+        "torch.load(weights_only=True) and converted to safetensors once, in the Hub cache. Off: such a "
+        "checkpoint is refused (pickle files can run code).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = Field(False, description="Never on unless you trust the model repository.")
@@ -190,10 +243,11 @@ class DecodingConfig(Section):
     """One candidate system: a decoding of the policy model (hf, vllm), an API, or another system's file."""
 
     name: str
-    backend: Literal["hf", "vllm", "openai", "file"] = Field(
+    backend: Literal["hf", "vllm", "openai", "file", "ingested"] = Field(
         "hf",
         description="hf: transformers generate; vllm: vLLM in its own environment and process; "
-        "openai: an OpenAI-compatible endpoint; file: translations another system already made.",
+        "openai: an OpenAI-compatible endpoint; file: translations another system already made; "
+        "ingested: the translations an hf_dataset source carries under this system's name (its `systems`).",
     )
     num_beams: int = Field(1, ge=1)
     do_sample: bool = False
@@ -263,6 +317,7 @@ class CometModel(Section):
 
     model: str = Field(description="Hugging Face id (e.g. Unbabel/XCOMET-XXL) or a local checkpoint/folder.")
     reference: bool = Field(False, description="Score with the reference (False: reference-free, as ALMA-R).")
+    revision: str | None = Field(None, description="Hub revision of `model` (None: main).")
 
 
 # The paper's metrics (ALMA-R, Table 1 and section 3): the selection score is mean(kiwi_xxl, xcomet_xxl),

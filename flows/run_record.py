@@ -1,5 +1,6 @@
 """run.json: what a run did, stage by stage (status, cached, seconds, outputs, counts), rewritten atomically
-after every stage so that a crash leaves an accurate record of the finished work. A failed run records its
+after every stage so that a crash leaves an accurate record of the finished work; `hub` lists every Hub
+repository the stages resolved (id, revision, commit). A failed run records its
 failure: the stage, the kind (config, input_data, resource, out_of_memory, ...; tasks/runtime/failures.py), the
 exit status of `alma-r` and the one-line message."""
 
@@ -38,6 +39,7 @@ class RunRecord:
             "finished": None,
             "status": "running",
             "stages": {},
+            "hub": [],
             "config": config,
         }
         if flow is not None:
@@ -57,7 +59,19 @@ class RunRecord:
             self.data.setdefault("superseded", []).extend(result.superseded)
         if result.resumed:
             self.data["stages"][result.stage]["resumed_under_new_code"] = result.resumed
+        self._add_hub(result.counts.get("resolved", []))
         self.save()
+
+    def _add_hub(self, snapshots: list[dict]) -> None:
+        """Every Hub repository a stage resolved (its counts' `resolved`), once per id and revision asked, with
+        the commit it resolved to: what the run used, in one list."""
+        hub = self.data["hub"]
+        known = {(h["repo_type"], h["repo_id"], h["revision"]) for h in hub}
+        for snapshot in snapshots:
+            which = (snapshot["repo_type"], snapshot["repo_id"], snapshot["revision"])
+            if which not in known:
+                known.add(which)
+                hub.append(snapshot)
 
     def stage_failed(self, stage: str, error: BaseException):
         failure = classify(error)

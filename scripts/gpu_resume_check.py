@@ -49,6 +49,7 @@ def recipe(model_dir: Path, out_dir: Path, dtype: str):
         max_prompt_length=64,
         max_length=128,
         lora={"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        disable_dropout=False,  # the dropout masks are what an exact resume must replay
     )
     return CPORecipe(settings, str(model_dir), pairs(), out_dir, seed=3, dtype=dtype)
 

@@ -19,7 +19,7 @@ from alma_r.models.score.cache import ScoreCache
 from alma_r.models.score.scorers import corpus_score, sentence_scores
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
-from alma_r.tasks.shared.scoring import cache_path_for, make_scorer, score_items
+from alma_r.tasks.shared.scoring import cache_path_for, make_scorer, resolved_records, score_items
 
 METRICS = ("bleu", "chrf")
 
@@ -203,6 +203,8 @@ def run_evaluate(
         "hypotheses": write_table(hyp_rows, out_dir / "hypotheses.parquet", HYPOTHESES),
         "segment_scores": write_table(segment_rows, out_dir / "segment_scores.parquet", SCORES),
     }
+    if resolved := resolved_records(scorer for scorer, _ in comet.values()):
+        counts["resolved"] = resolved
     return outputs, {**counts, "results": len(results)}
 
 

@@ -1,7 +1,10 @@
 """Stage 2, generate: candidate translations of the training sources -> candidates/<system>.parquet.
 
-A system is a decoding of the policy model (transformers or vLLM), an OpenAI-compatible endpoint, or another
-system's translations from a file. Prompts over the limit are skipped and counted, never cut.
+A system is a decoding of the policy model (transformers or vLLM), an OpenAI-compatible endpoint, another
+system's translations from a file, or translations an ingest source carried. Which sources are too long is
+decided once, before any system runs (`skip_list`), and every system translates the same kept sources: the
+score stage wants every system to cover the same segments, and a source one system skipped but another
+translated would stop it. Long prompts are skipped and counted per direction, never cut.
 
 Model and endpoint generations go through the content-addressed generation cache (models/generate/cache.py,
 `<run.root>/_cache/generations.sqlite`): a rerun on grown data generates only the new segments, a killed stage
@@ -11,15 +14,21 @@ keeps every finished batch, and a sampled segment's seeds come from its id, not 
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 
 from alma_r.config import DecodingConfig, RunConfig, config_base_dir, resolve_path
 from alma_r.data.io import read_rows
-from alma_r.data.readers import IngestError, read_lines
-from alma_r.data.schemas import SEGMENTS
-from alma_r.models.generate.cache import GenerationCache, SystemGenerations, decoding_settings
+from alma_r.data.schemas import INGESTED_TRANSLATIONS, SEGMENTS
+from alma_r.models.generate.cache import (
+    Generation,
+    GenerationCache,
+    SystemGenerations,
+    decoding_settings,
+    generation_key,
+)
 from alma_r.models.generate.hf_backend import Decoding, generate_translations, sample_translations
 from alma_r.models.generate.vllm_backend import DEFAULT_DTYPE as VLLM_DTYPE
 from alma_r.models.loading import load_model, load_tokenizer, model_identity, pick_device
@@ -27,6 +36,7 @@ from alma_r.models.prompts import load_shots, make_prompt
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 from alma_r.tasks.shared.candidates import write_candidates
+from alma_r.tasks.shared.imported_translations import file_translations, ingested_translations
 
 
 def preference_sources(segments: list[dict], max_per_lp: int | None) -> list[dict]:
@@ -57,39 +67,59 @@ def system_prompts(cfg: RunConfig, system: DecodingConfig, sources: list[dict]) 
     ]
 
 
-def file_translations(
-    cfg: RunConfig, system: DecodingConfig, sources: list[dict], all_segments: list[dict]
-) -> list[str]:
-    """Another system's translations, one per training source of its direction in file order (checked)."""
-    by_lp: dict[str, list[str]] = defaultdict(list)
-    for r in all_segments:
-        if r["split"] == "train" and r["ref"]:
-            by_lp[r["lp"]].append(r["id"])
-    text: dict[str, str] = {}
-    for lp, file in system.files.items():
-        path = resolve_path(file, config_base_dir(cfg))
-        lines = read_lines(path)
-        if system.file_format == "jsonl":
-            values = []
-            for i, line in enumerate(lines, start=1):
-                try:
-                    values.append(json.loads(line)[system.jsonl_field])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise IngestError(
-                        f"{path}:{i}: no field '{system.jsonl_field}' in a JSON object"
-                    ) from None
-            lines = values
-        ids = by_lp.get(lp, [])
-        if len(lines) != len(ids):
-            raise IngestError(
-                f"{path}:{min(len(lines), len(ids)) + 1}: {len(lines)} translations for the "
-                f"{len(ids)} training sources of {lp} (system '{system.name}')"
-            )
-        text.update(zip(ids, lines, strict=True))
-    missing = [r["id"] for r in sources if r["id"] not in text]
-    if missing:
-        raise IngestError(f"system '{system.name}': no file for the direction of {missing[:3]}")
-    return [text[r["id"]] for r in sources]
+# The systems that decode with the policy model: their prompts are what the prompt limit protects.
+POLICY_BACKENDS = ("hf", "vllm")
+# The "backend" of the prompt lengths kept in the generation cache: no generation has it, so no key collides.
+PROMPT_TOKENS = "prompt_tokens"
+
+
+def prompt_lengths(prompts: Iterable[str], policy: PolicyModel, cache: GenerationCache) -> dict[str, int]:
+    """Each prompt's length in the policy tokenizer's tokens, without special tokens (as every backend counts
+    it). Kept in the generation cache by tokenizer and prompt, so that a rerun decides its skip list without
+    loading the tokenizer (a cached generation loads nothing)."""
+    distinct = list(dict.fromkeys(prompts))
+    # The base model's part of its fingerprint covers its tokenizer files; dtype and adapter change no length.
+    tokenizer = {
+        "tokenizer": cache.model_fingerprint(policy.model_path, None, policy.cfg.model.dtype)["model"]
+    }
+    keys = {p: generation_key(tokenizer, PROMPT_TOKENS, p, {}, 0, None) for p in distinct}
+    found = cache.get_many(list(keys.values()))
+    lengths = {p: found[key].prompt_tokens for p, key in keys.items() if key in found}
+    todo = [p for p in distinct if p not in lengths]
+    if todo:
+        measure = policy.tokenizer()
+        new = {p: len(measure(p, add_special_tokens=False)["input_ids"]) for p in todo}
+        cache.put_many({keys[p]: Generation(None, n) for p, n in new.items()})
+        lengths.update(new)
+    return lengths
+
+
+def skip_list(
+    cfg: RunConfig, sources: list[dict], policy: PolicyModel, cache: GenerationCache
+) -> tuple[list[int], dict[str, list[int]], dict[str, int]]:
+    """The places of the sources every system translates, each policy system's prompt lengths for them, and
+    the sources skipped per direction.
+
+    A source is kept when every prompt the policy model would be given for it fits `generate.max_prompt_tokens`:
+    the zero-shot prompt (the one CPO trains on, used even when no system decodes with the policy) and the
+    prompt of each hf/vllm system, whose shots make it the longest. Deciding by the zero-shot prompt alone would
+    hand a 5-shot system prompts over the limit, which it must skip (the lists part again) or cut. An endpoint's
+    prompts count only through the zero-shot one: the limit is the policy's context, and its tokenizer says
+    nothing about the endpoint's."""
+    limit = cfg.generate.max_prompt_tokens
+    prompts = {
+        s.name: system_prompts(cfg, s, sources) for s in cfg.generate.systems if s.backend in POLICY_BACKENDS
+    }
+    zero_shot = [make_prompt(r["src"], r["src_lang"], r["tgt_lang"]) for r in sources]
+    lengths = prompt_lengths([*zero_shot, *(p for ps in prompts.values() for p in ps)], policy, cache)
+    kept, skipped = [], Counter({r["lp"]: 0 for r in sources})
+    for i, r in enumerate(sources):
+        if max([lengths[zero_shot[i]], *(lengths[ps[i]] for ps in prompts.values())]) <= limit:
+            kept.append(i)
+        else:
+            skipped[r["lp"]] += 1
+    by_system = {name: [lengths[ps[i]] for i in kept] for name, ps in prompts.items()}
+    return kept, by_system, dict(skipped)
 
 
 # The config fields a policy-model decoding takes: Decoding's fields are DecodingConfig's, by name.
@@ -176,12 +206,14 @@ def policy_translations(
     cfg: RunConfig,
     system: DecodingConfig,
     prompts: list[str],
+    lengths: list[int],
     sources: list[dict],
     policy: PolicyModel,
     cache: GenerationCache,
 ) -> SystemGenerations:
-    """The policy's n translations per prompt, from the cache where it has them; the rest generated and cached
-    batch by batch. A sampled segment's sample k has the seed segment_seed(run.seed, segment id, k)."""
+    """The policy's n translations per prompt (each within the limit: the skip list's, with its `lengths`),
+    from the cache where it has them; the rest generated and cached batch by batch. A sampled segment's sample k
+    has the seed segment_seed(run.seed, segment id, k)."""
     decoding = system_decoding(system)
     limit = cfg.generate.max_prompt_tokens
     vllm = system.backend == "vllm"
@@ -203,18 +235,13 @@ def policy_translations(
     )
     if not plan.missing():
         return plan  # nothing to generate: neither model nor tokenizer is loaded
-    tokenizer = policy.tokenizer()
-    plan.measure(
-        {i: len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in plan.missing_prompts()}
-    )
+    plan.measure({i: lengths[i] for i in plan.missing_prompts()})  # the lengths go into the cache's entries
     todo = plan.missing_prompts()
-    if not todo:
-        return plan
     desc = f"generate {system.name}"
     if vllm:
         vllm_translations(cfg, system, decoding, prompts, policy, plan, todo)
     elif decoding.do_sample:
-        model, _ = policy.get()
+        model, tokenizer = policy.get()
         order = list(todo)
         sample_translations(
             model,
@@ -229,7 +256,7 @@ def policy_translations(
             ),
         )
     else:  # greedy or beam: one pass gives every sample k of a prompt (n > 1 only makes sense with sampling)
-        model, _ = policy.get()
+        model, tokenizer = policy.get()
         order = list(todo)
         generate_translations(
             model,
@@ -298,45 +325,70 @@ def ids_of(sources: list[dict]) -> list[str]:
 
 
 def run_generate(
-    cfg: RunConfig, segments_path: Path, model_path: str, adapter: str | None, out_dir: Path
+    cfg: RunConfig,
+    segments_path: Path,
+    model_path: str,
+    adapter: str | None,
+    out_dir: Path,
+    ingested_path: Path | None = None,
 ) -> tuple[dict, dict]:
-    """Every system's candidates. Policy and endpoint generations come from the generation cache where an
-    earlier run made them; counts `<system>/generated` and `<system>/from_cache` per candidate table (and their
-    totals) say which, `<system>/skipped_prompt_too_long` the rest."""
+    """Every system's candidates for the kept sources (`skip_list`). Policy and endpoint generations come from
+    the generation cache where an earlier run made them; counts `<system>/generated` and `<system>/from_cache`
+    per candidate table (and their totals) say which. `skipped_prompt_too_long/<lp>` (and its total
+    `skipped_prompt_too_long`) counts the sources no system translated; `<system>/skipped_prompt_too_long` is
+    that total for each table. `ingested_path`: the ingest stage's ingested_translations, when it has one."""
     all_segments = read_rows(segments_path, SEGMENTS)
-    sources = preference_sources(all_segments, cfg.generate.max_sources_per_lp)
+    candidates = preference_sources(all_segments, cfg.generate.max_sources_per_lp)
     policy = PolicyModel(cfg, model_path, adapter)
-    cached = any(s.backend != "file" for s in cfg.generate.systems)  # files alone need no cache
-    cache = GenerationCache(generation_cache_path(cfg)) if cached else None
-    outputs, counts = {}, {"sources": len(sources), "generated": 0, "from_cache": 0}
+    cache = GenerationCache(generation_cache_path(cfg))  # also holds the prompt lengths of the skip list
+    kept, lengths, skipped = skip_list(cfg, candidates, policy, cache)
+    sources = [candidates[i] for i in kept]
+    ingested = None  # read once, for the first ingested system
+    outputs = {}
+    counts = {
+        "sources": len(candidates),
+        "skipped_prompt_too_long": len(candidates) - len(sources),
+        **{f"skipped_prompt_too_long/{lp}": n for lp, n in skipped.items()},
+        "generated": 0,
+        "from_cache": 0,
+    }
     for system in cfg.generate.systems:
-        prompts = system_prompts(cfg, system, sources)
-        if system.backend == "file":  # read, not generated: nothing to cache
+        settings = generation_settings(system, cfg.run.seed)
+        if system.backend == "file":  # read, not generated: nothing to cache (nor for ingested)
             texts = file_translations(cfg, system, sources, all_segments)
+            model_id = f"file:{','.join(sorted(system.files.values()))}"
+            rows_of = [{"model_id": model_id, "adapter": None, "generation": settings}] * len(sources)
             outs, generated, from_cache = [[t] for t in texts], [len(texts)], [0]
-            identity = {"model_id": f"file:{','.join(sorted(system.files.values()))}", "adapter": None}
+        elif system.backend == "ingested":
+            if ingested is None:
+                ingested = read_rows(ingested_path, INGESTED_TRANSLATIONS) if ingested_path else []
+            found = ingested_translations(system, sources, ingested)
+            rows_of = [
+                {
+                    "model_id": r["origin"],
+                    "adapter": None,
+                    "generation": json.dumps({"backend": "ingested", "origin": r["origin"]}, sort_keys=True),
+                }
+                for r in found
+            ]
+            outs, generated, from_cache = [[r["hypothesis"]] for r in found], [len(found)], [0]
         else:
+            prompts = system_prompts(cfg, system, sources)
             if system.backend == "openai":
                 plan, identity = endpoint_translations(cfg, system, prompts, sources, cache)
             else:
-                plan = policy_translations(cfg, system, prompts, sources, policy, cache)
+                plan = policy_translations(cfg, system, prompts, lengths[system.name], sources, policy, cache)
                 identity = model_identity(policy.model_path, policy.adapter)
             outs, generated, from_cache = plan.results(), plan.generated, plan.from_cache
-        settings = generation_settings(system, cfg.run.seed)
+            if any(o is None for row in outs for o in row):  # the one list would part: score would stop
+                raise RuntimeError(f"system '{system.name}': a prompt the skip list kept was skipped")
+            rows_of = [{**identity, "generation": settings}] * len(sources)
         for k, name in enumerate(system.system_names()):
             rows = [
-                {
-                    "segment_id": r["id"],
-                    "lp": r["lp"],
-                    "system": name,
-                    "hypothesis": o[k],
-                    **identity,
-                    "generation": settings,
-                }
-                for r, o in zip(sources, outs, strict=True)
-                if o[k] is not None
+                {"segment_id": r["id"], "lp": r["lp"], "system": name, "hypothesis": o[k], **meta}
+                for r, o, meta in zip(sources, outs, rows_of, strict=True)
             ]
-            write_candidates(name, rows, len(sources), out_dir, outputs, counts)
+            write_candidates(name, rows, len(candidates), out_dir, outputs, counts)
             counts[f"{name}/generated"], counts[f"{name}/from_cache"] = generated[k], from_cache[k]
             counts["generated"] += generated[k]
             counts["from_cache"] += from_cache[k]
@@ -359,11 +411,19 @@ def generate_key(cfg: RunConfig, run_dir: Path, segments: StageResult, policy: S
 
 
 def generate_stage(cfg: RunConfig, run_dir: Path, segments: StageResult, policy: StageResult) -> StageResult:
-    """Translate the preference sources with every configured system."""
+    """Translate the preference sources with every configured system. `segments` is the ingest stage's result:
+    its segments and, when a source carried translations, its ingested_translations (covered by the key through
+    the ingest key, which is upstream)."""
+    ingested = segments.outputs.get("ingested_translations")
     return run_stage(
         generate_key(cfg, run_dir, segments, policy),
         lambda out: run_generate(
-            cfg, segments.path("segments"), policy.outputs["model"], policy.outputs.get("adapter"), out
+            cfg,
+            segments.path("segments"),
+            policy.outputs["model"],
+            policy.outputs.get("adapter"),
+            out,
+            Path(ingested) if ingested else None,
         ),
     )
 

@@ -59,7 +59,9 @@ def data_line(by_name: dict[str, StageResult]) -> str:
             splits.setdefault(name.split("/")[0], []).append(f"{name.split('/', 1)[1]} {n:,}")
     shown = "; ".join(f"{split}: {', '.join(lps)}" for split, lps in splits.items())
     text = f"{ingest.get('segments', 0):,} segments ({shown})"
-    text += f"; {by_name['generate'].counts.get('sources', 0):,} sources translated for candidates"
+    generate = by_name["generate"].counts
+    translated = generate.get("sources", 0) - generate.get("skipped_prompt_too_long", 0)  # the rest: too long
+    text += f"; {translated:,} sources translated for candidates"
     text += f"; {by_name['select'].counts.get('pairs', 0):,} preference pairs"
     train = by_name["train"].counts
     text += f"; CPO: {train.get('steps', 0)} steps on {train.get('pairs_used', 0):,} pairs"
@@ -90,12 +92,19 @@ def run_warnings(
         if skipped := counts.get("skipped_prompt_too_long", 0) + counts.get("skipped_too_long", 0):
             out.append(f"{stage}: {skipped:,} training pairs skipped as too long (prompt or `{limit}`).")
     generate = by_name["generate"].counts
-    for name, n in generate.items():
-        if name.endswith("/skipped_prompt_too_long") and n:
-            out.append(
-                f"generate: `{name.split('/')[0]}` skipped {n:,} of {generate.get('sources', 0):,} sources whose "
-                f"prompt exceeds `generate.max_prompt_tokens` ({cfg.generate.max_prompt_tokens})."
-            )
+    # One list for every system (tasks/generate.py skip_list): one line, per direction, not one per system.
+    too_long = {
+        name.split("/", 1)[1]: n
+        for name, n in generate.items()
+        if name.startswith("skipped_prompt_too_long/") and n
+    }
+    if too_long:
+        out.append(
+            f"generate: {sum(too_long.values()):,} of {generate.get('sources', 0):,} sources skipped for every "
+            f"system, their prompt exceeds `generate.max_prompt_tokens` ({cfg.generate.max_prompt_tokens}): "
+            + ", ".join(f"{lp} {n:,}" for lp, n in too_long.items())
+            + "."
+        )
     if stats["dropped"]:
         dropped = ", ".join(f"{k}: {v:,}" for k, v in sorted(stats["dropped"].items()))
         out.append(f"select: {sum(stats['dropped'].values()):,} sources gave no preference pair ({dropped}).")
@@ -128,6 +137,31 @@ def run_warnings(
     return out
 
 
+def model_names(cfg: RunConfig, by_name: dict[str, StageResult]) -> tuple[str, str | None]:
+    """Base model and adapter as the run used them: a Hub id with its revision and the commit prepare_model
+    resolved it to (a branch moves: the commit says which weights these results are of), a folder as named."""
+    resolved = by_name["prepare_model"].counts.get("resolved", []) if "prepare_model" in by_name else []
+
+    def shown(name: str | None, revision: str | None) -> str | None:
+        if name is None:
+            return None
+        for snapshot in resolved:
+            if snapshot["repo_id"] == name and snapshot["revision"] == revision:
+                return f"{name}@{revision or 'main'} (commit {snapshot['commit'][:12]})"
+        return f"{name}@{revision}" if revision else name
+
+    return shown(cfg.model.base, cfg.model.revision), shown(cfg.model.adapter, cfg.model.adapter_revision)
+
+
+def trained_weights(cfg: RunConfig) -> str:
+    """What CPO trained: a continued adapter keeps its own LoRA configuration, so train.lora is not it."""
+    if cfg.model.adapter:
+        return "the adapter's own LoRA"
+    if cfg.train.finetune == "full":
+        return "every weight"
+    return f"LoRA r={cfg.train.lora.r} on {cfg.train.lora.target_modules}"
+
+
 def first_screen(
     cfg: RunConfig, run_dir: Path, stages: list[StageResult], plots: list[Path], base: Path
 ) -> str:
@@ -140,12 +174,13 @@ def first_screen(
     trained = by_name["train"].outputs
     folder = trained.get("merged") or trained.get("adapter") or trained.get("model")
     shown = ", ".join(f"`{o}`" for o in overrides) or "none"
+    base_name, adapter_name = model_names(cfg, by_name)
     what = [
         f"- Config: `{config_path or '(not recorded)'}`; overrides: {shown}; seed {cfg.run.seed}.",
-        f"- Model: base `{cfg.model.base}`"
-        + (f" + adapter `{cfg.model.adapter}`" if cfg.model.adapter else "")
+        f"- Model: base `{base_name}`"
+        + (f" + adapter `{adapter_name}`" if adapter_name else "")
         + f"; CPO loss `{cfg.train.loss_type}`, beta {cfg.train.beta}, NLL weight {cfg.train.cpo_alpha}, "
-        f"LoRA r={cfg.train.lora.r} on {cfg.train.lora.target_modules}; trained: "
+        f"{trained_weights(cfg)}; trained: "
         f"`{os.path.relpath(folder, base) if folder and Path(folder).exists() else folder}`.",
         f"- Data: {data_line(by_name)}",
         f"- {stages_line(stages)}",
@@ -236,6 +271,7 @@ def render_report(
 def model_card(cfg: RunConfig, stages: list[StageResult], results: list[dict]) -> str:
     """README.md for the trained adapter/model folder, in the Hugging Face layout (YAML metadata first)."""
     by_name = {s.stage: s for s in stages}
+    base_name, adapter_name = model_names(cfg, by_name)
     lps = sorted({r["lp"] for r in results})
     langs = sorted({lang for lp in lps for lang in lp.split("-")})
     meta = {
@@ -255,8 +291,8 @@ def model_card(cfg: RunConfig, stages: list[StageResult], results: list[dict]) -
         "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
         f"# {cfg.run.name}: CPO-trained translation model\n\n"
         f"Trained with [alma-r](https://github.com/) (Contrastive Preference Optimization, Xu et al., ICML 2024) "
-        f"from `{cfg.model.base}`"
-        + (f" continuing the adapter `{cfg.model.adapter}`" if cfg.model.adapter else "")
+        f"from `{base_name}`"
+        + (f" continuing the adapter `{adapter_name}`" if adapter_name else "")
         + f".\n\n## Evaluation\n\n{results_section(results)}\n\n## Training configuration\n\n```json\n"
         + json.dumps(settings, indent=2)
         + f"\n```\n\n## Data provenance\n\n{sources}\n"

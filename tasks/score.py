@@ -2,7 +2,8 @@
 
 Each distinct request (metric model, src, mt[, ref]) is scored once: requests are deduplicated within the run
 (a system output equal to the reference is scored once) and looked up in a content-addressed cache shared by
-runs, stages and reruns; the stage reports how many were scored and how many came from the cache.
+runs, stages and reruns; the stage reports how many were scored and how many came from the cache. A metric
+`published:<name>` runs no model: its scores are those an hf_dataset source carried (ingest's published_scores).
 """
 
 from __future__ import annotations
@@ -11,13 +12,21 @@ from collections import defaultdict
 from pathlib import Path
 
 from alma_r.config import RunConfig
+from alma_r.data.hub_datasets import published_name
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.schemas import CANDIDATES, REFERENCE, SCORES, SEGMENTS
 from alma_r.models.score.cache import ScoreCache
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 from alma_r.tasks.shared.candidates import candidate_paths
-from alma_r.tasks.shared.scoring import ScoringError, cache_path_for, make_scorer, score_items
+from alma_r.tasks.shared.scoring import (
+    PublishedScores,
+    ScoringError,
+    cache_path_for,
+    make_scorer,
+    resolved_records,
+    score_items,
+)
 
 
 def check_coverage(candidates: list[dict], segments: dict[str, dict], where: str) -> None:
@@ -45,9 +54,12 @@ def run_score(
     out_dir: Path,
     cache_path: Path,
     only: set[str] | None = None,
+    published: Path | None = None,
+    ingested: Path | None = None,
 ) -> tuple[dict, dict]:
     """Score every candidate (of the segments in `only`, when given). Rows come in segment order, then system
-    order (reference first), whatever order the scorers ran in."""
+    order (reference first), whatever order the scorers ran in. `published` / `ingested`: ingest's
+    published_scores and ingested_translations tables, read by the `published:<name>` metrics."""
     segments = {r["id"]: r for r in read_rows(segments_path, SEGMENTS)}
     candidates = [row for p in candidate_paths for row in read_rows(p, CANDIDATES)]
     check_coverage(
@@ -63,7 +75,8 @@ def run_score(
     for segment_id in texts:
         texts[segment_id] = {REFERENCE: segments[segment_id]["ref"], **texts[segment_id]}
     cache = ScoreCache(cache_path)
-    outputs, counts = {}, {}
+    carried = PublishedScores(published, ingested) if any(map(published_name, cfg.score.metrics)) else None
+    outputs, counts, used = {}, {}, []
     for metric in cfg.score.metrics:
         rows, scorers = [], {}
         by_lang: dict[str, list] = defaultdict(list)
@@ -73,15 +86,31 @@ def run_score(
                 others = [t for s, t in texts[segment_id].items() if s != system]
                 by_lang[seg["tgt_lang"]].append((seg, system, text, others))
         for lang, items in by_lang.items():
+            if carried is not None and published_name(metric):
+                rows += carried.rows(metric, items, counts)
+                continue
             # BLEU's tokenizer depends on the target language; a model-based scorer is loaded once.
             which = lang if metric == "bleu" else "*"
             if which not in scorers:
                 scorers[which] = make_scorer(cfg, metric, lang)
             rows += score_items(scorers[which], metric, items, cache, counts)
+        used += scorers.values()
         position = {(s, system): i for s in texts for i, system in enumerate(texts[s])}
         rows.sort(key=lambda r: (order[r["segment_id"]], position[r["segment_id"], r["system"]]))
         outputs[f"scores/{metric}"] = write_table(rows, out_dir / "scores" / f"{metric}.parquet", SCORES)
+    if resolved := resolved_records(used):
+        counts["resolved"] = resolved
     return outputs, counts
+
+
+def ingest_tables(segments: StageResult) -> dict[str, Path | None]:
+    """The ingest tables the published: metrics read (absent when no source carried them); the ingest stage's
+    key, an upstream of this stage's, covers their content."""
+    outputs = segments.outputs
+    return {
+        "published": Path(outputs["published_scores"]) if "published_scores" in outputs else None,
+        "ingested": Path(outputs["ingested_translations"]) if "ingested_translations" in outputs else None,
+    }
 
 
 def score_key(cfg: RunConfig, run_dir: Path, segments: StageResult, candidates: StageResult) -> StageKey:
@@ -94,7 +123,12 @@ def score_stage(cfg: RunConfig, run_dir: Path, segments: StageResult, candidates
     return run_stage(
         score_key(cfg, run_dir, segments, candidates),
         lambda out: run_score(
-            cfg, segments.path("segments"), candidate_paths(candidates), out, cache_path_for(cfg)
+            cfg,
+            segments.path("segments"),
+            candidate_paths(candidates),
+            out,
+            cache_path_for(cfg),
+            **ingest_tables(segments),
         ),
     )
 
@@ -129,7 +163,13 @@ def score_shard_stage(
     return run_stage(
         score_shard_key(cfg, run_dir, segments, candidates, shard, shards),
         lambda out: run_score(
-            cfg, segments.path("segments"), candidate_paths(candidates), out, cache_path_for(cfg), only=mine
+            cfg,
+            segments.path("segments"),
+            candidate_paths(candidates),
+            out,
+            cache_path_for(cfg),
+            only=mine,
+            **ingest_tables(segments),
         ),
     )
 
@@ -150,10 +190,14 @@ def score_merge_stage(
         for metric in cfg.score.metrics:
             rows = [row for s in shards for row in read_rows(s.path(f"scores/{metric}"), SCORES)]
             outputs[f"scores/{metric}"] = write_table(rows, out_dir / "scores" / f"{metric}.parquet", SCORES)
+        resolved = []
         for s in shards:
             for name, value in s.counts.items():
-                counts[name] += value
-        return outputs, {**counts, "shards": len(shards)}
+                if name == "resolved":  # the shards' COMET snapshots, each listed once
+                    resolved += [r for r in value if r not in resolved]
+                else:
+                    counts[name] += value
+        return outputs, {**counts, "shards": len(shards), **({"resolved": resolved} if resolved else {})}
 
     return run_stage(score_key(cfg, run_dir, segments, candidates), merge)
 

@@ -1,9 +1,10 @@
 """Stage 4, select: ALMA-R's preference triplets -> pairs.parquet (+ dropped.parquet, stats.json, margins.png).
 
 Per source, the candidates are the reference and every system's output; each is scored by the mean of the
-selection metrics; chosen = highest, rejected = lowest. Ties go to the reference, then to systems in config
-order (for both sides). A human label (the published data's `Delta`) overrides the scores between two named
-systems. Every source that yields no pair is recorded with its reason. The paper's "dis-preferred quality
+selection metrics (z-scored first with select.normalize: zscore); chosen = highest, rejected = lowest. Ties go
+to the reference, then to systems in config order (for both sides). A human label that ingest read with the
+data (ALMA-R-Preference's `Delta`: its human_preferences table) decides instead of the scores when both of its
+systems are candidates (select.human_preferences). Every source that yields no pair is recorded with its reason. The paper's "dis-preferred quality
 matters" baseline replaces the rejected side by a noised copy of the chosen one.
 """
 
@@ -14,11 +15,11 @@ from pathlib import Path
 
 from alma_r.config import RunConfig
 from alma_r.data.io import read_rows, save_figure_atomic, write_json_atomic, write_table
-from alma_r.data.schemas import CANDIDATES, DROPPED, PAIRS, REFERENCE, SCORES, SEGMENTS
+from alma_r.data.schemas import CANDIDATES, DROPPED, HUMAN_PREFERENCES, PAIRS, REFERENCE, SCORES, SEGMENTS
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 from alma_r.tasks.shared.candidates import candidate_paths
-from alma_r.tasks.shared.selection import select_pairs, selection_stats
+from alma_r.tasks.shared.selection import labelled_segments, select_pairs, selection_stats
 
 
 def plot_margins(pairs: list[dict], out_path: Path) -> Path | None:
@@ -44,9 +45,23 @@ def plot_margins(pairs: list[dict], out_path: Path) -> Path | None:
     return save_figure_atomic(fig, out_path)
 
 
+def read_preferences(path: Path | None) -> dict[str, tuple[str, str]]:
+    """segment_id -> (chosen, rejected) of ingest's human_preferences table (absent: no labels)."""
+    if path is None:
+        return {}
+    rows = read_rows(path, HUMAN_PREFERENCES)
+    return {r["segment_id"]: (r["chosen_system"], r["rejected_system"]) for r in rows}
+
+
 def run_select(
-    cfg: RunConfig, segments_path: Path, candidate_paths: list[Path], score_paths: list[Path], out_dir: Path
+    cfg: RunConfig,
+    segments_path: Path,
+    candidate_paths: list[Path],
+    score_paths: list[Path],
+    out_dir: Path,
+    preferences_path: Path | None = None,
 ) -> tuple[dict, dict]:
+    """preferences_path: ingest's human_preferences table, used when select.human_preferences is on."""
     candidates = [row for p in candidate_paths for row in read_rows(p, CANDIDATES)]
     ids = {c["segment_id"] for c in candidates}
     segments = [r for r in read_rows(segments_path, SEGMENTS) if r["id"] in ids]
@@ -58,6 +73,7 @@ def run_select(
         for s in read_rows(p, SCORES)
     }
     s = cfg.select
+    preferences = read_preferences(preferences_path) if s.human_preferences else {}
     pairs, dropped = select_pairs(
         segments,
         texts,
@@ -68,8 +84,11 @@ def run_select(
         rejected=s.rejected,
         noise=(s.noise_delete, s.noise_swap),
         seed=cfg.run.seed,
+        preferences=preferences,
+        normalize=s.normalize,
     )
-    stats = selection_stats(pairs, dropped)
+    labelled = labelled_segments(pairs, preferences, texts)
+    stats = selection_stats(pairs, dropped, labelled)
     outputs = {
         "pairs": write_table(pairs, out_dir / "pairs.parquet", PAIRS),
         "dropped": write_table(dropped, out_dir / "dropped.parquet", DROPPED),
@@ -78,7 +97,8 @@ def run_select(
     plot = plot_margins(pairs, out_dir / "margins.png")
     if plot:
         outputs["margins_plot"] = plot
-    return outputs, {"pairs": len(pairs), **{f"dropped_{k}": v for k, v in stats["dropped"].items()}}
+    dropped_counts = {f"dropped_{k}": v for k, v in stats["dropped"].items()}
+    return outputs, {"pairs": len(pairs), "from_human_labels": len(labelled), **dropped_counts}
 
 
 def select_key(
@@ -100,9 +120,10 @@ def select_stage(
     """Build (prompt, chosen, rejected) triplets from the scores."""
     cand = candidate_paths(candidates)
     scored = [Path(v) for k, v in sorted(scores.outputs.items()) if k.startswith("scores/")]
+    labels = segments.path("human_preferences") if "human_preferences" in segments.outputs else None
     return run_stage(
         select_key(cfg, run_dir, segments, candidates, scores),
-        lambda out: run_select(cfg, segments.path("segments"), cand, scored, out),
+        lambda out: run_select(cfg, segments.path("segments"), cand, scored, out, preferences_path=labels),
     )
 
 

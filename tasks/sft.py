@@ -42,7 +42,9 @@ def sft_settings(section: SftSection) -> TrainSettings:
     )
 
 
-def run_sft(cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path) -> tuple[dict, dict]:
+def run_sft(
+    cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path, adapter: str | None = None
+) -> tuple[dict, dict]:
     rows = [r for r in read_rows(segments_path, SEGMENTS) if r["split"] == "train" and r["ref"]]
     pairs = [
         {"prompt": make_prompt(r["src"], r["src_lang"], r["tgt_lang"]), "chosen": r["ref"], "rejected": ""}
@@ -53,7 +55,7 @@ def run_sft(cfg: RunConfig, segments_path: Path, base_model: str, out_dir: Path)
         base_model,
         pairs,
         out_dir,
-        adapter=cfg.model.adapter,
+        adapter=adapter,
         start_over_hint="rerun with `--force sft` to set the checkpoints aside and start over",
         **run_wide_settings(cfg),
     )
@@ -71,21 +73,22 @@ def sft_key(cfg: RunConfig, run_dir: Path, segments: StageResult, base: StageRes
 
 
 def sft_stage(cfg: RunConfig, run_dir: Path, segments: StageResult, base: StageResult) -> StageResult:
-    """The policy CPO starts from: the SFT model, or the base model (+ adapter) when SFT is off."""
+    """The policy CPO starts from: the SFT model, or the base model (+ adapter) when SFT is off, as prepare_model
+    resolved them."""
     where = sft_key(cfg, run_dir, segments, base)
+    adapter = base.outputs.get("adapter")
     if not cfg.sft.enabled:
         return run_stage(
             where,
             lambda out: (
-                {
-                    "model": base.outputs["model"],
-                    **({"adapter": cfg.model.adapter} if cfg.model.adapter else {}),
-                },
+                {"model": base.outputs["model"], **({"adapter": adapter} if adapter else {})},
                 {"skipped": True},
             ),
         )
     return run_stage(
-        where, lambda out: run_sft(cfg, segments.path("segments"), base.outputs["model"], out), resumable=True
+        where,
+        lambda out: run_sft(cfg, segments.path("segments"), base.outputs["model"], out, adapter),
+        resumable=True,
     )
 
 

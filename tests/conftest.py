@@ -83,6 +83,21 @@ def tiny_model_dir(tmp_path_factory, sample_texts) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def paper_cache(tmp_path_factory) -> tuple[Path, dict]:
+    """(HF_HOME, {repo id: {revision: commit}}): the paper's Hub ids as small stand-ins in the Hub's on-disk
+    layout (tests/hub_cache.py::build_paper_cache, ~10 s), built once per session from the development data.
+    Shared: a test that changes it works on a copy (hub_cache.copy_cache)."""
+    from tests.hub_cache import build_paper_cache
+
+    alma = SHARED_DATA / "alma"
+    if not alma.is_dir():
+        pytest.skip(f"development data not found: {alma} (the data folder beside the repository)")
+    root = tmp_path_factory.mktemp("paper-cache")
+    written = build_paper_cache(root / "hf_home", SHARED_DATA, root / "work")
+    return root / "hf_home", written
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from alma_r.config import SAMPLE_DIR
+from alma_r.data.hub import HubError
 from alma_r.models.score.comet_scorer import CometResult, CometScorer
 from alma_r.models.score.tiny_comet import KINDS, build_tiny_comet
 
@@ -202,11 +203,44 @@ def test_bad_hub_id_says_why(monkeypatch):
     monkeypatch.setattr(
         "huggingface_hub.constants.HF_HUB_OFFLINE", True
     )  # read at import; conftest sets it too
-    with pytest.raises(RuntimeError) as raised:
+    with pytest.raises(HubError) as raised:
         _ = CometScorer("Unbabel/does-not-exist", gpus=0).model
     message = str(raised.value)
     assert "not supported by COMET" not in message
     assert "Unbabel/does-not-exist" in message and "LocalEntryNotFoundError" in message
+
+
+def test_a_hub_revision_is_resolved_to_its_commit_which_keys_the_scores(tiny, tmp_path, monkeypatch):
+    from alma_r.models.score.cache import ScoreCache
+    from alma_r.tasks.shared.scoring import resolved_records, score_items
+    from tests.hub_cache import folder_files, put_snapshot
+
+    # hparams.yaml, checkpoints/model.ckpt and encoder/, as two revisions of one repository
+    files = folder_files(tiny.checkpoints["kiwi"].parents[1])
+    main = put_snapshot(tmp_path, "Unbabel/tiny-kiwi", files)
+    v2 = put_snapshot(tmp_path, "Unbabel/tiny-kiwi", files | {"README.md": "v2"}, revision="v2")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    at_main, at_v2 = scorer("Unbabel/tiny-kiwi"), scorer("Unbabel/tiny-kiwi", revision="v2")
+    assert at_main.model_id == f"Unbabel/tiny-kiwi@{main}" and at_v2.signature == f"Unbabel/tiny-kiwi@{v2}"
+    assert not at_main.uses_reference and at_main._checkpoint is None  # from hparams.yaml: no checkpoint yet
+    snapshot = tmp_path / "hub" / "models--Unbabel--tiny-kiwi" / "snapshots"
+    assert at_main.checkpoint == snapshot / main / "checkpoints" / "model.ckpt"
+    assert (at_v2.resolved.revision, at_v2.resolved.commit) == ("v2", v2)
+    assert resolved_records([at_main, at_v2, at_main]) == [at_main.resolved.record(), at_v2.resolved.record()]
+
+    # Scores cached for one revision are never handed to another, even of the same files.
+    segments = [
+        {"id": f"s{i}", "lp": "de-en", "src": it["src"], "ref": it["ref"]} for i, it in enumerate(tiny.items)
+    ]
+    items = [(seg, "sys", it["mt"], []) for seg, it in zip(segments[:3], tiny.items[:3], strict=True)]
+    cache, counts = ScoreCache(tmp_path / "scores.sqlite"), {}
+    first = score_items(at_main, "kiwi", items, cache, counts)
+    second = score_items(at_v2, "kiwi", items, cache, counts)
+    assert counts["kiwi/from_cache"] == 0 and counts["kiwi/scored"] == 6
+    assert {r["model_id"] for r in first} == {at_main.model_id}
+    local = scorer(tiny.checkpoints["kiwi"]).score([{"src": s["src"], "mt": t} for s, _, t, _ in items])
+    assert [r["score"] for r in first] == [r["score"] for r in second] == [r.score for r in local]
 
 
 def test_moved_checkpoint_says_so(tiny, tmp_path):

@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from alma_r.cli import main
-from alma_r.config import SAMPLE_DIR, ConfigError, config_base_dir, load_config, resolve_path
+from alma_r.config import (
+    SAMPLE_DIR,
+    ConfigError,
+    config_base_dir,
+    config_from_json,
+    config_to_json,
+    load_config,
+    resolve_path,
+)
 from alma_r.config.sequence import load_sequence_config
 from alma_r.data.schemas import REFERENCE
 from tests.conftest import REPO
@@ -273,6 +281,54 @@ def test_system_names_must_be_unique_and_not_reference(names):
     assert "generate.systems" in msg and str(names) in msg
 
 
+ENDPOINT = "endpoint: {base_url: 'http://127.0.0.1:8000/v1', model: m}"
+
+
+@pytest.mark.parametrize(
+    ("system", "field", "which", "backend"),
+    [
+        (f"{{name: gpt4, backend: openai, {ENDPOINT}, files: {{de-en: a.en}}}}", "files", "backend file", "openai"),
+        (f"{{name: gpt4, backend: openai, {ENDPOINT}, num_beams: 5}}", "num_beams", "backends hf, vllm", "openai"),
+        (f"{{name: gpt4, backend: openai, {ENDPOINT}, top_k: 10}}", "top_k", "backends hf, vllm", "openai"),
+        ("{name: f, backend: file, files: {de-en: a.en}, max_new_tokens: 9}", "max_new_tokens",
+         "backends hf, vllm, openai", "file"),
+        ("{name: f, backend: file, files: {de-en: a.en}, shots: hw, shots_dir: s}", "shots",
+         "backends hf, vllm, openai", "file"),
+        (f"{{name: g, {ENDPOINT}}}", "endpoint", "backend openai", "hf"),
+        ("{name: g, tensor_parallel_size: 2}", "tensor_parallel_size", "backend vllm", "hf"),
+        ("{name: g, vllm_python: /opt/vllm/bin/python}", "vllm_python", "backend vllm", "hf"),
+        ("{name: g, backend: vllm, file_format: jsonl}", "file_format", "backend file", "vllm"),
+        ("{name: gpt4, backend: ingested, n: 2}", "n", "backends hf, vllm, openai", "ingested"),
+        ("{name: gpt4, backend: ingested, do_sample: true}", "do_sample", "backends hf, vllm, openai", "ingested"),
+    ],
+)  # fmt: skip
+def test_a_field_of_another_backend_is_refused(system, field, which, backend):
+    msg = config_error(TINY, [f"generate.systems=[{system}]"])
+    name = system.split(",")[0].removeprefix("{name: ")
+    assert msg.endswith(
+        f"system '{name}': {field} is a field of {which}, this system's backend is {backend} "
+        f"(drop {field} or change the backend)"
+    )
+    assert "generate.systems.0" in msg and "\n" not in msg
+
+
+def test_the_fields_each_backend_uses_load_and_survive_a_stage_request():
+    systems = [
+        "{name: beam, backend: hf, num_beams: 5, max_new_tokens: 9, shots: hw, shots_dir: sample:shots/hw}",
+        "{name: v, backend: vllm, do_sample: true, top_k: 10, n: 2, tensor_parallel_size: 2, vllm_python: p}",
+        f"{{name: gpt4, backend: openai, {ENDPOINT}, do_sample: true, temperature: 0.7, top_p: 0.9, n: 2}}",
+        "{name: f, backend: file, files: {de-en: a.jsonl}, file_format: jsonl, jsonl_field: mt}",
+        "{name: alma, backend: ingested}",
+        "{name: g, backend: ingested, num_beams: 1, files: null}",  # defaults written out change nothing
+    ]
+    cfg = load_config(TINY, [f"generate.systems=[{', '.join(systems)}]"])
+    backends = [s.backend for s in cfg.generate.systems]
+    assert backends == ["hf", "vllm", "openai", "file", "ingested", "ingested"]
+    # A stage's child process validates the whole dumped config again: every field is set there.
+    again = config_from_json(config_to_json(cfg))
+    assert again.generate.model_dump() == cfg.generate.model_dump()
+
+
 @pytest.mark.parametrize(("hidden", "heads"), [(96, 2), (128, 4), (130, 2), (64, 2)])
 def test_tiny_head_dim_must_be_64(hidden, heads):
     msg = config_error(TINY, [f"model.tiny.hidden_size={hidden}", f"model.tiny.num_attention_heads={heads}"])
@@ -283,6 +339,45 @@ def test_tiny_head_dim_must_be_64(hidden, heads):
 def test_selection_metrics_must_be_scored():
     msg = config_error(TINY, ["select.metrics=[bleu]"])
     assert "['bleu']" in msg and "['chrf', 'consensus_chrf']" in msg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fields"),
+    [
+        (["model.adapter=org/lora", "train.lora.r=8"], ["train.lora", "model.adapter"]),
+        (["model.adapter=org/lora", "train.finetune=full"], ["train.finetune: full", "model.adapter"]),
+        (["model.revision=refs/pr/4"], ["model.revision (refs/pr/4)", "model.base tiny"]),
+        (["model.base=./local", "model.revision=main"], ["model.revision (main)", "model.base ./local"]),
+        (["model.adapter_revision=main"], ["model.adapter_revision (main)", "no model.adapter"]),
+        (
+            ["model.base=org/base", "model.adapter=./lora", "model.adapter_revision=main"],
+            ["model.adapter_revision (main)", "model.adapter ./lora is a local folder"],
+        ),
+    ],
+)
+def test_model_settings_that_would_be_ignored_are_refused_naming_both_fields(overrides, fields):
+    msg = config_error(overrides=overrides)
+    assert all(field in msg for field in fields), msg
+    assert "\n" not in msg
+
+
+def test_the_same_model_settings_load_where_they_apply():
+    cfg = load_config(overrides=["model.base=org/base", "model.revision=refs/pr/4", "model.adapter=org/lora"])
+    assert cfg.model.revision == "refs/pr/4"
+    # A stage's child process validates the dumped config, every field of it set: it loads there too.
+    assert config_from_json(config_to_json(cfg)).model == cfg.model
+    assert config_from_json(config_to_json(load_config(REPO / "configs" / "alma-13b-r.yaml"))).model.adapter
+    pinned = load_config(overrides=["model.adapter=org/lora", "model.adapter_revision=v1"])
+    assert pinned.model.adapter_revision == "v1"
+    assert load_config(TINY).train.lora.r == 16  # tiny.yaml sets train.lora: no adapter, so it is used
+
+
+def test_lora_dropout_needs_disable_dropout_off():
+    msg = config_error(TINY, ["train.lora.dropout=0.05"])
+    assert "lora.dropout 0.05" in msg and "disable_dropout" in msg and "'train'" in msg
+    cfg = load_config(TINY, ["train.lora.dropout=0.05", "train.disable_dropout=false"])
+    assert cfg.train.lora.dropout == 0.05 and not cfg.train.disable_dropout
+    assert load_config(TINY).train.disable_dropout  # ALMA-R's and TRL's default
 
 
 def test_source_needs_its_kind_fields_and_known_languages(tmp_path):

@@ -1,4 +1,5 @@
-"""The generate stage's backends: transformers (greedy, n samples, 5-shot prompts) and imported files."""
+"""The generate stage's backends: transformers (greedy, n samples, 5-shot prompts) and imported files (the
+skip list shared by every system and the ingested backend: tests/test_skip_list.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from alma_r.config import SAMPLE_DIR, load_config
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.readers import IngestError
 from alma_r.data.schemas import CANDIDATES, SEGMENTS
+from alma_r.models.loading import load_tokenizer
 from alma_r.models.prompts import load_shots, make_prompt
 from alma_r.tasks.generate import run_generate, system_prompts
 
@@ -67,13 +69,21 @@ def test_hf_greedy_and_n_samples(segments, tmp_path, tiny_model_dir):
 
 
 def test_prompt_over_the_limit_is_skipped_and_counted(segments, tmp_path, tiny_model_dir):
-    longest = max(len(make_prompt(s["src"], "de", "en")) for s in SEGS)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    lengths = [
+        len(tokenizer(make_prompt(s["src"], "de", "en"), add_special_tokens=False)["input_ids"]) for s in SEGS
+    ]
+    limit = sorted(lengths)[2]  # the two longest prompts are over it
     cfg = config(
-        tmp_path, "generate.systems=[{name: greedy, max_new_tokens: 4}]", "generate.max_prompt_tokens=20"
+        tmp_path,
+        "generate.systems=[{name: greedy, max_new_tokens: 4}]",
+        f"generate.max_prompt_tokens={limit}",
     )
     _, counts = run_generate(cfg, segments, str(tiny_model_dir), None, tmp_path / "out")
-    assert longest > 20 and counts["greedy/skipped_prompt_too_long"] >= 1
-    assert counts["greedy/generated"] + counts["greedy/skipped_prompt_too_long"] == 5
+    over = sum(n > limit for n in lengths)
+    assert over >= 1
+    assert counts["skipped_prompt_too_long/de-en"] == counts["skipped_prompt_too_long"] == over
+    assert counts["greedy/skipped_prompt_too_long"] == over and counts["greedy/generated"] == 5 - over
 
 
 def test_five_shot_prompts_use_almas_examples():
@@ -91,11 +101,12 @@ def test_five_shot_prompts_use_almas_examples():
     assert prompts == [expected]
 
 
-def test_imported_file_system_is_aligned_and_checked(segments, tmp_path):
+def test_imported_file_system_is_aligned_and_checked(segments, tmp_path, tiny_model_dir):
+    # The policy's tokenizer decides which sources are too long, for a file system too.
     good = tmp_path / "sys.en"
     good.write_text("".join(f"T{i}\n" for i in range(5)), encoding="utf-8")
     cfg = config(tmp_path, f"generate.systems=[{{name: gpt4, backend: file, files: {{de-en: '{good}'}}}}]")
-    outputs, counts = run_generate(cfg, segments, "unused", None, tmp_path / "out")
+    outputs, counts = run_generate(cfg, segments, str(tiny_model_dir), None, tmp_path / "out")
     rows = read_rows(outputs["candidates/gpt4"], CANDIDATES)
     assert [(r["segment_id"], r["hypothesis"]) for r in rows] == [
         (f"hw:de-en:{i}", f"T{i}") for i in range(5)
@@ -106,12 +117,12 @@ def test_imported_file_system_is_aligned_and_checked(segments, tmp_path):
     short.write_text("T0\nT1\n", encoding="utf-8")
     cfg = config(tmp_path, f"generate.systems=[{{name: gpt4, backend: file, files: {{de-en: '{short}'}}}}]")
     with pytest.raises(IngestError, match=rf"{short}:3: 2 translations for the 5 training sources of de-en"):
-        run_generate(cfg, segments, "unused", None, tmp_path / "out2")
+        run_generate(cfg, segments, str(tiny_model_dir), None, tmp_path / "out2")
     jsonl = tmp_path / "sys.jsonl"
     jsonl.write_text("".join(json.dumps({"translation": f"J{i}"}) + "\n" for i in range(5)), encoding="utf-8")
     cfg = config(
         tmp_path,
         f"generate.systems=[{{name: j, backend: file, file_format: jsonl, files: {{de-en: '{jsonl}'}}}}]",
     )
-    outputs, _ = run_generate(cfg, segments, "unused", None, tmp_path / "out3")
+    outputs, _ = run_generate(cfg, segments, str(tiny_model_dir), None, tmp_path / "out3")
     assert read_rows(outputs["candidates/j"], CANDIDATES)[4]["hypothesis"] == "J4"

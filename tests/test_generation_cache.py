@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from alma_r.config import load_config
+from alma_r.data.hub import HubError
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.schemas import CANDIDATES, SEGMENTS
 from alma_r.models.generate.cache import (
     Generation,
     GenerationCache,
-    ModelRevisionError,
     generation_key,
     segment_seed,
 )
@@ -131,7 +131,7 @@ def test_a_model_is_known_by_its_content_not_its_path(tmp_path, tiny_model_dir):
     with pytest.raises(ModelNotFoundError):
         cache.model_fingerprint(str(tmp_path / "nowhere"), None, "float32")
     # Offline (conftest sets HF_HUB_OFFLINE) and not in the Hub cache: no commit, so no key, one line.
-    with pytest.raises(ModelRevisionError, match=r"^nobody/no-such-model: no Hub revision") as err:
+    with pytest.raises(HubError, match=r"^model nobody/no-such-model@main: cannot resolve") as err:
         cache.model_fingerprint("nobody/no-such-model", None, "float32")
     assert "\n" not in str(err.value)
 

@@ -160,7 +160,7 @@ def test_the_secret_block_wins_over_the_environment_variable_and_none_means_no_k
     assert endpoint_config(no_key, resolver).api_key is None and asked == ["k"]
 
 
-def test_the_stage_seeds_each_request_by_its_segment_and_asks_only_for_new_segments(tmp_path):
+def test_the_stage_seeds_each_request_by_its_segment_and_asks_only_for_new_segments(tmp_path, tiny_model_dir):
     """The generate stage's endpoint system: each (segment, sample) request carries the segment's seed, whatever
     the other segments; a rerun on grown data asks only for the new segments (the generation cache has the
     rest)."""
@@ -187,7 +187,7 @@ def test_the_stage_seeds_each_request_by_its_segment_and_asks_only_for_new_segme
     ]
     small = write_table(segs[:3], tmp_path / "small.parquet", SEGMENTS)
     grown = write_table(segs, tmp_path / "grown.parquet", SEGMENTS)
-    run_generate(cfg, small, "unused", None, tmp_path / "a")
+    run_generate(cfg, small, str(tiny_model_dir), None, tmp_path / "a")
     sent = {(b["messages"][0]["content"], b["seed"]) for b in server.bodies}
     assert len(server.bodies) == 6 and sent == {
         (make_prompt(s["src"], "de", "en"), segment_seed(cfg.run.seed, s["id"], k))
@@ -195,7 +195,7 @@ def test_the_stage_seeds_each_request_by_its_segment_and_asks_only_for_new_segme
         for k in (0, 1)
     }
     server.bodies.clear()
-    outputs, counts = run_generate(cfg, grown, "unused", None, tmp_path / "b")
+    outputs, counts = run_generate(cfg, grown, str(tiny_model_dir), None, tmp_path / "b")
     assert sorted(b["seed"] for b in server.bodies) == sorted(
         segment_seed(cfg.run.seed, s["id"], k) for s in segs[3:] for k in (0, 1)
     )

@@ -171,6 +171,7 @@ def test_sigkill_in_generate_score_and_train_with_harmless_changes_between(prefe
         f"score.comet_models={{tiny_kiwi: {{model: {kiwi}}}}}",
         "score.metrics=[chrf, tiny_kiwi]",
         "select.metrics=[chrf, tiny_kiwi]",
+        "select.normalize=zscore",  # chrF is 0-100, COMET 0-1: averaged raw, chrF alone would decide
     ]
     env = prefect_server
     run_dir = tmp_path / "runs" / "tiny"

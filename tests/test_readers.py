@@ -425,3 +425,44 @@ def test_ingest_duplicate_ids_are_refused(tmp_path, aligned):
     with pytest.raises(IngestError, match="duplicate segment id"):
         run_ingest(cfg, tmp_path / "out")
     assert not (tmp_path / "out" / "segments.parquet").exists()
+
+
+@needs_shared_data(DEEN_JSON_LIST)
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (None, None),
+        ({"en": "   "}, "field 'translation.en' is an empty line"),
+        ({"de": None}, "field 'translation.de' is NoneType, expected a string"),
+    ],
+)
+def test_an_hf_dataset_reads_almas_rows_as_alma_json_does(tmp_path, change, problem):
+    """The same ALMA items as a JSON lines file and as a dataset folder (Parquet, one `translation` struct):
+    the same segments, and the same problem after each one's own `<where>:<row>:` prefix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alma_r.tasks.ingest import run_ingest
+
+    items = json.loads(DEEN_JSON_LIST.read_text(encoding="utf-8"))[:3]
+    if change:
+        items[1]["translation"].update(change)
+    js = write_lines(tmp_path / "hw.json", [json.dumps(i, ensure_ascii=False) for i in items])
+    folder = tmp_path / "hw-dataset"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(items), folder / "train.parquet")
+    common = {"name": "hw", "pair": "de-en", "directions": ["de-en", "en-de"], "split": "train"}
+    as_json = ingest_config(tmp_path, [{**common, "kind": "alma_json", "path": str(js)}])
+    as_dataset = ingest_config(tmp_path, [{**common, "kind": "hf_dataset", "dataset": str(folder)}])
+    if problem is None:
+        json_out, _ = run_ingest(as_json, tmp_path / "json")
+        dataset_out, _ = run_ingest(as_dataset, tmp_path / "dataset")
+        assert read_rows(dataset_out["segments"], SEGMENTS) == read_rows(json_out["segments"], SEGMENTS)
+        return
+    with pytest.raises(IngestError) as from_json:
+        run_ingest(as_json, tmp_path / "json")
+    with pytest.raises(IngestError) as from_dataset:
+        run_ingest(as_dataset, tmp_path / "dataset")
+    assert_ingest_error(from_json, js, 2, problem)
+    assert_ingest_error(from_dataset, f"{folder}:default:train", 2, problem)
+    assert str(from_dataset.value).split(": ", 1)[1] == str(from_json.value).split(": ", 1)[1]

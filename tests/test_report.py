@@ -53,7 +53,10 @@ def finished_stages(run_dir: Path) -> list[StageResult]:
         stage("prepare_model", {"built": True}, cached=True, seconds=6.0),
         stage("sft", {"pairs": 400, "pairs_used": 230, "steps": 8, "skipped_prompt_too_long": 12,
                       "skipped_too_long": 158}, cached=True, seconds=18.9),
-        stage("generate", {"sources": 12, "greedy/generated": 8, "greedy/skipped_prompt_too_long": 4}, seconds=11.6),
+        stage("generate", {"sources": 12, "skipped_prompt_too_long": 4, "skipped_prompt_too_long/de-en": 3,
+                           "skipped_prompt_too_long/en-de": 1, "skipped_prompt_too_long/cs-en": 0,
+                           "greedy/generated": 8, "greedy/skipped_prompt_too_long": 4,
+                           "sample/generated": 8, "sample/skipped_prompt_too_long": 4}, seconds=11.6),
         stage("score", {"chrf/requests": 24, "chrf/distinct": 24, "chrf/from_cache": 0, "chrf/scored": 24}),
         stage("select", {"pairs": 8}, {"stats": str(run_dir / "select" / "stats.json")}),
         stage("train", {"pairs_used": 8, "steps": 6, "resumed_from": 4},
@@ -81,6 +84,8 @@ def test_first_screen_says_what_ran_the_headline_times_warnings_and_where_to_loo
     assert "- Config: `configs/tiny.yaml`; overrides: `train.beta=0.2`; seed 42." in lines
     assert "base `tiny`" in first_screen and "trained: `train/adapter`" in first_screen
     assert "412 segments (test: de-en 6, en-de 6; train: de-en 200, en-de 200)" in first_screen
+    # 12 sources, 4 of them skipped as too long
+    assert "; 8 sources translated for candidates; 8 preference pairs" in first_screen
     assert "8 preference pairs; CPO: 6 steps on 8 pairs after SFT: 8 steps on 230 pairs" in first_screen
     # the headline: baseline -> cpo per direction and metric, the dagger only where p < 0.05
     assert "| test set | direction | BLEU | chrF |" in lines
@@ -92,8 +97,8 @@ def test_first_screen_says_what_ran_the_headline_times_warnings_and_where_to_loo
     warnings = first_screen.split("## Warnings\n\n")[1].split("\n\n## ")[0].splitlines()
     assert warnings == [
         "- sft: 170 training pairs skipped as too long (prompt or `sft.max_length`).",
-        "- generate: `greedy` skipped 4 of 12 sources whose prompt exceeds `generate.max_prompt_tokens` "
-        f"({cfg.generate.max_prompt_tokens}).",
+        "- generate: 4 of 12 sources skipped for every system, their prompt exceeds `generate.max_prompt_tokens` "
+        f"({cfg.generate.max_prompt_tokens}): de-en 3, en-de 1.",
         "- select: 3 sources gave no preference pair (no_margin: 3).",
         "- evaluate: 1 test prompts of `baseline` exceed `evaluate.max_prompt_tokens` "
         f"({cfg.evaluate.max_prompt_tokens}): empty hypotheses, counted, never cut.",

@@ -212,3 +212,142 @@ def test_two_worker_processes_give_the_single_process_scores(inputs, tmp_path):
         assert counts["kiwi_xxl/scored"] == 5
         results[processes] = [r["score"] for r in read_rows(outputs["scores/kiwi_xxl"], SCORES)]
     assert results[2] == pytest.approx(results[1], abs=1e-6)
+
+
+# ------------------------------------------------------------------------ published: metrics (ingest's scores)
+
+PUBLISHED_CFG = {
+    # a source that carries kiwi: what makes `published:kiwi` a valid metric
+    "ingest": {
+        "sources": [
+            {
+                "kind": "hf_dataset",
+                "name": "t",
+                "dataset": "org/preference",
+                "pair": "de-en",
+                "directions": ["de-en"],
+                "systems": {"a": "a", "b": "b"},
+                "published_scores": ["kiwi"],
+            }
+        ]
+    },
+    "score": {"metrics": ["published:kiwi"]},
+}
+PUBLISHED = {
+    ("s1", REFERENCE): 0.9,
+    ("s1", "a"): 0.8,
+    ("s1", "b"): 0.1,
+    ("s2", REFERENCE): 0.7,
+    ("s2", "a"): 0.6,
+    ("s2", "b"): 0.2,
+}
+INGESTED = {("s1", "a"): "Good morning", ("s2", "a"): "Thanks", ("s1", "b"): "Morning good", ("s2", "b"): ""}
+
+
+def published_tables(tmp_path, scores=PUBLISHED, texts=INGESTED):
+    from alma_r.data.schemas import INGESTED_TRANSLATIONS, PUBLISHED_SCORES
+
+    published = write_table(
+        [
+            {
+                "segment_id": s,
+                "lp": "de-en",
+                "system": system,
+                "metric": "published:kiwi",
+                "score": v,
+                "origin": "t",
+            }
+            for (s, system), v in scores.items()
+        ],
+        tmp_path / "published_scores.parquet",
+        PUBLISHED_SCORES,
+    )
+    ingested = write_table(
+        [
+            {"segment_id": s, "lp": "de-en", "system": system, "hypothesis": h, "origin": "t"}
+            for (s, system), h in texts.items()
+        ],
+        tmp_path / "ingested_translations.parquet",
+        INGESTED_TRANSLATIONS,
+    )
+    return published, ingested
+
+
+def test_published_metrics_are_read_from_ingest_not_computed(inputs, tmp_path, monkeypatch):
+    from alma_r.config import RunConfig
+    from alma_r.tasks import score as score_stage
+
+    def no_model(*args):
+        raise AssertionError("a published metric ran a scorer")
+
+    monkeypatch.setattr(score_stage, "make_scorer", no_model)
+    segments, candidates = inputs
+    published, ingested = published_tables(tmp_path)
+    cfg = RunConfig.model_validate(PUBLISHED_CFG)
+    outputs, counts = run_score(
+        cfg,
+        segments,
+        candidates,
+        tmp_path / "out",
+        tmp_path / "c.sqlite",
+        published=published,
+        ingested=ingested,
+    )
+    rows = read_rows(outputs["scores/published:kiwi"], SCORES)
+    assert [(r["segment_id"], r["system"], r["score"]) for r in rows] == [
+        (s, system, PUBLISHED[(s, system)]) for s in ("s1", "s2") for system in (REFERENCE, "a", "b")
+    ]
+    assert rows[-1]["flag"] == "empty_hypothesis" and counts["published:kiwi/published"] == 6
+
+
+@pytest.mark.parametrize(
+    "scores, texts, published, problem",
+    [
+        (
+            {k: v for k, v in PUBLISHED.items() if k != ("s2", "b")},
+            INGESTED,
+            True,
+            r"^metric 'published:kiwi': no published score for system 'b' on segment 's2'; the dataset carries them "
+            r"for systems \['a', 'b', 'reference'\]$",
+        ),
+        (
+            PUBLISHED,
+            {**INGESTED, ("s1", "a"): "Good day"},
+            True,
+            r"^metric 'published:kiwi': system 'a' on segment 's1' is not the translation the dataset published",
+        ),
+        (PUBLISHED, INGESTED, False, r"^metric 'published:kiwi': ingest wrote no published scores"),
+    ],
+)
+def test_a_candidate_without_its_published_score_is_named(
+    inputs, tmp_path, scores, texts, published, problem
+):
+    from alma_r.config import RunConfig
+
+    segments, candidates = inputs
+    table, ingested = published_tables(tmp_path, scores, texts)
+    with pytest.raises(ScoringError, match=problem):
+        run_score(
+            RunConfig.model_validate(PUBLISHED_CFG),
+            segments,
+            candidates,
+            tmp_path / "out",
+            tmp_path / "c.sqlite",
+            published=table if published else None,
+            ingested=ingested,
+        )
+
+
+def test_published_metric_names_are_checked_against_the_sources():
+    from alma_r.config import ConfigError, RunConfig
+
+    with pytest.raises(ValueError, match=r"unknown metric 'published:'"):
+        RunConfig.model_validate({**PUBLISHED_CFG, "score": {"metrics": ["published:"]}})
+    with pytest.raises(
+        ValueError,
+        match=r"score.metrics 'published:xcomet' reads published scores, but no "
+        r"hf_dataset source lists 'xcomet' .*they list \['kiwi'\]",
+    ):
+        RunConfig.model_validate({**PUBLISHED_CFG, "score": {"metrics": ["published:xcomet"]}})
+    with pytest.raises(ConfigError, match=r"no hf_dataset source lists 'kiwi'"):
+        load_config(overrides=["score.metrics=[published:kiwi]"])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from alma_r.config import ConfigError, load_config
 from alma_r.data.schemas import REFERENCE
-from alma_r.tasks.shared.selection import select_pairs, selection_stats
+from alma_r.tasks.shared.selection import labelled_segments, select_pairs, selection_stats, zscores
 
 SRC = {"de-en": "Hallo Welt.", "en-de": "Hello world.", "cs-en": "Ahoj světe."}
 PROMPT = {
@@ -324,3 +325,125 @@ def test_selection_stats_of_hand_made_rows():
 
 def test_selection_stats_empty():
     assert selection_stats([], []) == {"pairs": 0, "dropped": {}, "by_lp": {}}
+
+
+# ------------------------------------------------------------------------------------ human labels
+
+
+def test_a_human_label_decides_between_any_two_candidates():
+    # the scores say reference / b; the label says b over a, and is kept whatever the margin
+    candidates = {REFERENCE: ("Ref.", {"m": 90.0}), "a": ("A.", {"m": 60.0}), "b": ("B.", {"m": 10.0})}
+    texts, scores = build("s1", candidates)
+    pairs, dropped = select_pairs(
+        [segment("s1")], texts, scores, ["a", "b"], ["m"], min_margin=5.0, preferences={"s1": ("b", "a")}
+    )
+    assert dropped == []
+    (p,) = pairs
+    assert (p["chosen_system"], p["rejected_system"], p["chosen"], p["rejected"]) == ("b", "a", "B.", "A.")
+    assert (p["chosen_score"], p["rejected_score"], p["margin"]) == (10.0, 60.0, -50.0)
+
+
+def test_a_label_naming_a_system_without_output_leaves_it_to_the_scores_and_the_margin():
+    candidates = {REFERENCE: ("Ref.", {"m": 90.0}), "a": ("A.", {"m": 88.0})}
+    texts, scores = build("s1", candidates)
+    prefs = {"s1": ("b", "a")}  # "b" has no candidate here
+    pairs, _ = select_pairs([segment("s1")], texts, scores, ["a", "b"], ["m"], preferences=prefs)
+    assert [(p["chosen_system"], p["rejected_system"]) for p in pairs] == [(REFERENCE, "a")]
+    # not decided by the label, so min_margin applies (the old Delta check skipped it for any nonzero label)
+    _, dropped = select_pairs([segment("s1")], texts, scores, ["a", "b"], ["m"], 5.0, preferences=prefs)
+    assert [d["reason"] for d in dropped] == ["margin_below_threshold"]
+
+
+def test_the_stage_labels_win_over_delta_labels_and_stats_count_them():
+    segments = [segment("s1"), segment("s2"), segment("s3", "en-de")]
+    texts, scores = {}, {}
+    for sid in ("s1", "s2", "s3"):
+        t, s = build(sid, {REFERENCE: ("R", {"m": 9.0}), "a": ("A", {"m": 5.0}), "b": ("B", {"m": 1.0})})
+        texts.update(t)
+        scores.update(s)
+    preferences = {"s1": ("a", "b")}
+    pairs, _ = select_pairs(
+        segments,
+        texts,
+        scores,
+        ["a", "b"],
+        ["m"],
+        human_labels={"s1": -1.0, "s2": -1.0, "s3": 0.0},  # Delta < 0: b over a
+        override_systems=("a", "b"),
+        preferences=preferences,
+    )
+    chosen = {p["segment_id"]: (p["chosen_system"], p["rejected_system"]) for p in pairs}
+    assert chosen == {"s1": ("a", "b"), "s2": ("b", "a"), "s3": (REFERENCE, "b")}
+    labelled = labelled_segments(pairs, {"s1": ("a", "b"), "s2": ("b", "a")}, texts)
+    assert labelled == {"s1", "s2"}
+    stats = selection_stats(pairs, [], labelled)
+    assert stats["from_human_labels"] == 2
+    assert (
+        stats["by_lp"]["de-en"]["from_human_labels"] == 2
+        and stats["by_lp"]["en-de"]["from_human_labels"] == 0
+    )
+
+
+# ------------------------------------------------------------------------------------ scales
+
+
+def test_zscore_per_direction_and_metric_by_hand():
+    # de-en: chrF (0-100) alone would choose the reference of d1; z-scored, KIWI (0-1) counts as much.
+    table = {
+        "d1": ("de-en", {REFERENCE: ("R1", 100.0, 0.5), "a": ("A1", 60.0, 0.9)}),
+        "d2": ("de-en", {REFERENCE: ("R2", 100.0, 0.6), "a": ("A2", 80.0, 0.7)}),
+        "e1": ("en-de", {REFERENCE: ("R3", 10.0, 0.1), "a": ("A3", 20.0, 0.2)}),
+    }
+    segments, texts, scores = [], {}, {}
+    for sid, (lp, cands) in table.items():
+        segments.append(segment(sid, lp))
+        t, s = build(sid, {sys: (text, {"chrf": c, "kiwi": k}) for sys, (text, c, k) in cands.items()})
+        texts.update(t)
+        scores.update(s)
+    raw, _ = select_pairs(segments, texts, scores, ["a"], ["chrf", "kiwi"])
+    assert [p["chosen_system"] for p in raw] == [REFERENCE, REFERENCE, "a"]
+    pairs, dropped = select_pairs(segments, texts, scores, ["a"], ["chrf", "kiwi"], normalize="zscore")
+    assert dropped == []
+    # de-en pools: chrF [100, 60, 100, 80]: mean 85, variance (225 + 625 + 225 + 25) / 4 = 275;
+    # KIWI [0.5, 0.9, 0.6, 0.7]: mean 0.675, variance (0.030625 + 0.050625 + 0.005625 + 0.000625) / 4 = 0.021875
+    c, k = 275**0.5, 0.021875**0.5
+    d1_ref, d1_a = ((100 - 85) / c + (0.5 - 0.675) / k) / 2, ((60 - 85) / c + (0.9 - 0.675) / k) / 2
+    d2_ref, d2_a = ((100 - 85) / c + (0.6 - 0.675) / k) / 2, ((80 - 85) / c + (0.7 - 0.675) / k) / 2
+    assert d1_a > d1_ref and d2_ref > d2_a  # the order the z-scores give, checked on the hand numbers
+    by_sid = {p["segment_id"]: p for p in pairs}
+    assert (by_sid["d1"]["chosen_system"], by_sid["d1"]["chosen_score"]) == ("a", pytest.approx(d1_a))
+    assert by_sid["d1"]["rejected_score"] == pytest.approx(d1_ref)
+    assert by_sid["d2"]["margin"] == pytest.approx(d2_ref - d2_a)
+    # en-de is its own pool: two values per metric, z = -1 and +1, whatever de-en holds
+    assert (by_sid["e1"]["chosen_score"], by_sid["e1"]["margin"]) == (pytest.approx(1.0), pytest.approx(2.0))
+
+
+def test_zscore_of_a_pool_of_equal_scores_is_zero():
+    texts, scores = build("s1", {REFERENCE: ("R", {"m": 7.0}), "a": ("A", {"m": 7.0})})
+    assert zscores([segment("s1")], texts, scores, ["m"]) == {
+        ("s1", REFERENCE, "m"): 0.0,
+        ("s1", "a", "m"): 0.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["score.metrics=[chrf, kiwi_xxl]"], r"score\.metrics \(select\.metrics unset\)"),
+        (["score.metrics=[chrf, bleu, xcomet_xxl]", "select.metrics=[chrf, xcomet_xxl]"], r"select\.metrics"),
+    ],
+)
+def test_averaging_metrics_on_different_scales_is_a_config_error(overrides, field):
+    with pytest.raises(
+        ConfigError,
+        match=field + r" averages metrics on different scales \(0-1: .*; 0-100: .*"
+        r"select\.normalize: none",
+    ):
+        load_config(overrides=overrides)
+    assert load_config(overrides=[*overrides, "select.normalize=zscore"]).select.normalize == "zscore"
+
+
+def test_metrics_of_one_scale_need_no_normalisation():
+    assert load_config(overrides=["score.metrics=[chrf, bleu, consensus_chrf]"]).select.normalize == "none"
+    load_config(overrides=["score.metrics=[chrf, kiwi_xxl]", "select.metrics=[kiwi_xxl]"])
+    assert load_config().select.human_preferences is True

@@ -69,6 +69,8 @@ def value_at(settings: BaseModel, path: tuple[str, ...]):
 
 
 LEAVES = list(leaves(TrainSettings))
+# A field whose sample value is valid only with another field set too: that one's override and flag.
+COMPANIONS = {("lora", "dropout"): (["train.disable_dropout=false"], ["--no-disable-dropout"])}
 
 
 def test_every_field_has_a_described_flag_in_alma_r_train_help(capsys):
@@ -86,9 +88,10 @@ def test_every_field_has_a_described_flag_in_alma_r_train_help(capsys):
 @pytest.mark.parametrize("path,field", LEAVES, ids=[".".join(p) for p, _ in LEAVES])
 def test_every_field_is_a_set_override_and_a_flag(path, field):
     value = sample_value(field)
-    cfg = load_config(overrides=[f"train.{'.'.join(path)}={json.dumps(value)}"])
+    overrides, flags = COMPANIONS.get(path, ([], []))
+    cfg = load_config(overrides=[f"train.{'.'.join(path)}={json.dumps(value)}", *overrides])
     assert value_at(cfg.train, path) == value
-    args, _ = parse_train(flags_for(path, value))
+    args, _ = parse_train([*flags_for(path, value), *flags])
     settings, _ = settings_from_args(args)
     assert value_at(settings, path) == value
 

@@ -37,6 +37,7 @@ def settings(**kw) -> TrainSettings:
         max_prompt_length=64,
         max_length=128,
         lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["down_proj", "q_proj"]},
+        disable_dropout=False,  # the LoRA dropout is what the resume tests replay
     )
     return TrainSettings(**(base | kw))
 
@@ -170,3 +171,25 @@ def test_merged_model_equals_base_plus_adapter(tiny_model_dir, tmp_path):
         expected = with_adapter(ids).logits
         torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(base(ids).logits, expected, atol=1e-4)  # training did change the model
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_disable_dropout_sets_a_continued_adapters_dropout_to_zero(tiny_model_dir, tmp_path, disable_dropout):
+    """TRL's disable_dropout: a continued adapter keeps its own lora_dropout (0.2 here), set to 0 unless off."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.2, target_modules=["q_proj"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(tmp_path / "a")
+    kept_lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]}  # unused: continued
+    recipe = CPORecipe(
+        settings(disable_dropout=disable_dropout, lora=kept_lora),
+        str(tiny_model_dir),
+        PAIRS,
+        tmp_path / "out",
+        adapter=str(tmp_path / "a"),
+        seed=SEED,
+    ).setup()
+    dropouts = [m.p for m in recipe.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == [0.0 if disable_dropout else 0.2]  # the one layer's q_proj
+    assert recipe._result_parts()["disable_dropout"] is disable_dropout  # a checkpoint of the other refuses

@@ -17,6 +17,7 @@ import sys
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from alma_r.cli.common import add_debug_argument  # noqa: E402
+from alma_r.cli.download import add_download_parser
 from alma_r.cli.evaluate import add_evaluate_parser
 from alma_r.cli.judge import add_judge_parser
 from alma_r.cli.learning_check import add_learning_check_parser
@@ -38,6 +39,7 @@ COMMANDS = (
     add_sequence_run_parser,
     add_judge_parser,
     add_orchestration_parsers,
+    add_download_parser,
 )
 
 EPILOG = f"""{exit_code_help()}

@@ -3,12 +3,15 @@
 a typo never silently falls back to a default and wastes a GPU day.
 
 - base.py: the section base class, ConfigError, `sample:` paths, the sections fingerprint;
-- run.py: RunConfig, the build-alma-r flow's sections;
+- run.py: RunConfig, the build-alma-r flow's sections (ingest.py: the sources; generate.py: the candidate
+  systems);
 - sequence.py: SequenceRunConfig, the sequence-cpo flow's sections;
 - loading.py: YAML + overrides -> a validated config, and its JSON form for stage requests.
 """
 
 from alma_r.config.base import SAMPLE_DIR, SAMPLE_PREFIX, ConfigError, Section, resolve_path, sections_hash
+from alma_r.config.generate import DecodingConfig, EndpointSection, GenerateSection
+from alma_r.config.ingest import IngestSection, SourceConfig
 from alma_r.config.loading import (
     config_base_dir,
     config_from_json,
@@ -20,12 +23,8 @@ from alma_r.config.run import (
     DEFAULT_COMET_MODELS,
     STRING_METRICS,
     CometModel,
-    DecodingConfig,
-    EndpointSection,
     EvaluateSection,
-    GenerateSection,
     ImportedSystem,
-    IngestSection,
     LoraConfig,
     ModelSection,
     RunConfig,
@@ -33,7 +32,6 @@ from alma_r.config.run import (
     ScoreSection,
     SelectSection,
     SftSection,
-    SourceConfig,
     TinyModelConfig,
     TrainSection,
 )

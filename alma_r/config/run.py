@@ -12,94 +12,13 @@ from typing import Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from alma_r.config.base import Section, nearest_key, sections_hash
-from alma_r.data.languages import split_lp
+from alma_r.config.generate import GenerateSection
+from alma_r.config.ingest import IngestSection
+from alma_r.data.hub import is_local
+from alma_r.data.hub_datasets import published_name
 from alma_r.data.schemas import REFERENCE
 from alma_r.models.result_fields import NOT_A_RESULT
 from alma_r.models.train.settings import LoraSettings, TrainSettings
-
-
-class SourceConfig(Section):
-    """One input of the ingest stage."""
-
-    kind: Literal["alma_json", "aligned_text", "sacrebleu", "hf_dataset"] = Field(
-        description="alma_json: ALMA's {'translation': {..}} JSON lines or list; aligned_text: two line-aligned "
-        "plain-text files; sacrebleu: a WMT test set through sacrebleu's API (needs the internet once); "
-        "hf_dataset: a Hugging Face dataset (Hub id at a revision, or a local dataset folder)."
-    )
-    name: str = Field(
-        description="Origin name recorded on every segment, e.g. 'wmt22' or 'alma-human-written'."
-    )
-    pair: str = Field(description="Language pair of the files, e.g. 'de-en'.")
-    directions: list[str] = Field(description="Directions to emit from the pair, e.g. ['de-en', 'en-de'].")
-    split: Literal["train", "valid", "test"] = "train"
-    path: str | None = Field(None, description="alma_json: the file.")
-    files: dict[str, str] | None = Field(None, description="aligned_text: {lang: file} for both languages.")
-    test_set: str | None = Field(None, description="sacrebleu: test set name, e.g. 'wmt22'.")
-    max_segments: int | None = Field(None, ge=1, description="Read only the first N items/lines.")
-    dataset: str | None = Field(
-        None, description="hf_dataset: Hub id (e.g. haoranxu/ALMA-R-Preference) or a local dataset folder."
-    )
-    dataset_config: str | None = Field(None, description="hf_dataset: the dataset's config name, e.g. 'de-en'.")
-    hf_split: str | None = Field(None, description="hf_dataset: the dataset's split to read (default: `split`).")
-    revision: str | None = Field(
-        None, description="hf_dataset: branch, tag, refs/pr/N or commit sha of the Hub dataset (None: main)."
-    )
-    translation_field: str = Field(
-        "translation",
-        description="hf_dataset: the struct column holding {lang: text} (ALMA-R-Preference: 'translation'; "
-        "WMT22-Test: the config's name, e.g. 'cs-en'). Unused when `columns` is given.",
-    )
-    columns: dict[str, str] | None = Field(
-        None, description="hf_dataset with flat columns: {lang: column} for both languages of the pair."
-    )
-    systems: dict[str, str] | None = Field(
-        None,
-        description="hf_dataset: translations the dataset carries, {system name: field prefix}; the translation "
-        "into <tgt> is `<prefix>_<tgt>` (ALMA-R-Preference: {gpt4: gpt4, alma-13b-lora: alma}). A generate "
-        "system with backend `ingested` and the same name turns them into candidates.",
-    )
-    published_scores: list[str] = Field(
-        default_factory=list,
-        description="hf_dataset: scores the dataset carries for those translations, `<prefix>_<tgt>_<name>` and "
-        "`ref_<tgt>_<name>` for the reference (ALMA-R-Preference: kiwi, xcomet, kiwi_xcomet); the score stage's "
-        "metric `published:<name>` reads them instead of running a model.",
-    )
-    preference_field: str | None = Field(
-        None,
-        description="hf_dataset: a human preference label between the first two `systems` (ALMA-R-Preference: "
-        "Delta; > 0 prefers the first, < 0 the second, 0 or null: no label). select.human_preferences uses it.",
-    )
-    direction_field: str | None = Field(
-        None,
-        description="hf_dataset: a field that, when non-empty, names the only direction to emit for the row "
-        "(ALMA-R-Preference: required_directions).",
-    )
-
-    @field_validator("pair")
-    @classmethod
-    def _known_pair(cls, v: str) -> str:
-        split_lp(v)
-        return v
-
-    @field_validator("directions")
-    @classmethod
-    def _known_directions(cls, v: list[str]) -> list[str]:
-        for lp in v:
-            split_lp(lp)
-        return v
-
-    @model_validator(mode="after")
-    def _kind_fields(self) -> SourceConfig:
-        need = {"alma_json": "path", "aligned_text": "files", "sacrebleu": "test_set", "hf_dataset": "dataset"}[
-            self.kind
-        ]
-        if getattr(self, need) is None:
-            raise ValueError(f"source '{self.name}' of kind {self.kind} needs '{need}'")
-        if self.kind == "aligned_text" and set(self.files) != set(split_lp(self.pair)):
-            raise ValueError(
-                f"source '{self.name}': files has languages {sorted(self.files)}, pair is {self.pair}"
-            )
-        return self
 
 
 class RunSection(Section):
@@ -204,10 +123,6 @@ class ModelSection(Section):
     tiny: TinyModelConfig = TinyModelConfig()
 
 
-class IngestSection(Section):
-    sources: list[SourceConfig] = Field(default_factory=list)
-
-
 class SftSection(Section):
     """ALMA's step before CPO: fine-tune on human-written parallel data. For the tiny model only a warm-up."""
 
@@ -217,98 +132,6 @@ class SftSection(Section):
     learning_rate: float = Field(3e-3, gt=0)
     max_length: int = Field(
         160, ge=8, description="Pairs longer than this (prompt+target tokens) are skipped."
-    )
-
-
-class EndpointSection(Section):
-    """An OpenAI-compatible server (GPT-4, or `vllm serve`)."""
-
-    base_url: str = Field(description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
-    model: str = Field(description="The model name the server knows, e.g. gpt-4-0613.")
-    api: Literal["chat", "completions"] = "chat"
-    api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the key.", json_schema_extra=NOT_A_RESULT
-    )
-    api_key_secret: str | None = Field(
-        None,
-        description="Prefect Secret block holding the key (wins if set).",
-        json_schema_extra=NOT_A_RESULT,
-    )
-    max_concurrency: int = Field(4, ge=1, json_schema_extra=NOT_A_RESULT)
-    max_retries: int = Field(6, ge=0, json_schema_extra=NOT_A_RESULT)
-    timeout_s: float = Field(120.0, gt=0, json_schema_extra=NOT_A_RESULT)
-
-
-class DecodingConfig(Section):
-    """One candidate system: a decoding of the policy model (hf, vllm), an API, or another system's file."""
-
-    name: str
-    backend: Literal["hf", "vllm", "openai", "file", "ingested"] = Field(
-        "hf",
-        description="hf: transformers generate; vllm: vLLM in its own environment and process; "
-        "openai: an OpenAI-compatible endpoint; file: translations another system already made; "
-        "ingested: the translations an hf_dataset source carries under this system's name (its `systems`).",
-    )
-    num_beams: int = Field(1, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(
-        50,
-        ge=0,
-        description="Sample from the k most likely tokens (0: no limit). 50 is transformers' default "
-        "and the autoregressive negatives' setting of the sequence-level CPO paper; vLLM gets the same value.",
-    )
-    max_new_tokens: int = Field(64, ge=1)
-    n: int = Field(1, ge=1, description="Samples per source; systems <name>-1..<name>-n when n > 1.")
-    shots: Literal["none", "hw", "filtered"] = Field(
-        "none", description="ALMA's 5-shot prompts: human-written (hw) or filtered examples, from shots_dir."
-    )
-    shots_dir: str | None = Field(None, description="Folder with ALMA's shots.<src>-<tgt>.json files.")
-    files: dict[str, str] | None = Field(
-        None, description="file backend: {lp: file}, one translation per source."
-    )
-    file_format: Literal["text", "jsonl"] = "text"
-    jsonl_field: str = Field("translation", description="file backend, jsonl: the field holding the text.")
-    endpoint: EndpointSection | None = None
-    vllm_python: str = Field(
-        ".venv-vllm/bin/python",
-        description="vllm backend: the vLLM environment's python.",
-        json_schema_extra=NOT_A_RESULT,
-    )
-    tensor_parallel_size: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _backend_fields(self) -> DecodingConfig:
-        if self.backend == "file" and not self.files:
-            raise ValueError(f"system '{self.name}': backend file needs files: {{lp: path}}")
-        if self.backend == "openai" and self.endpoint is None:
-            raise ValueError(f"system '{self.name}': backend openai needs endpoint: {{base_url, model}}")
-        if self.shots != "none" and self.shots_dir is None:
-            raise ValueError(f"system '{self.name}': shots {self.shots} needs shots_dir")
-        return self
-
-    def system_names(self) -> list[str]:
-        return [self.name] if self.n == 1 else [f"{self.name}-{k}" for k in range(1, self.n + 1)]
-
-
-class GenerateSection(Section):
-    systems: list[DecodingConfig] = Field(
-        default_factory=lambda: [DecodingConfig(name="greedy")],
-        description="Candidate systems, in tie-break order (after the reference).",
-    )
-    max_sources_per_lp: int | None = Field(
-        None, ge=1, description="Use only the first N training sources per lp."
-    )
-    max_prompt_tokens: int = Field(
-        256, ge=8, description="Longer prompts are skipped and counted, never cut."
-    )
-    batch_size: int = Field(
-        16,
-        ge=1,
-        description="Prompts per generate call for greedy and beam decoding (outputs do not depend on it); "
-        "transformers sampling generates each segment's samples in a call of its own (per-segment seeds).",
-        json_schema_extra=NOT_A_RESULT,
     )
 
 
@@ -331,6 +154,12 @@ DEFAULT_COMET_MODELS = {
 STRING_METRICS = ("chrf", "bleu", "consensus_chrf")
 
 
+def metric_scale(metric: str) -> str:
+    """The range a metric's sentence scores lie in: chrF, BLEU and consensus chrF 0-100; COMET models and the
+    published scores (ALMA-R-Preference's KIWI/XCOMET) 0-1. A mean over both ranges weighs the first 100x."""
+    return "0-100" if metric in STRING_METRICS else "0-1"
+
+
 class ScoreSection(Section):
     comet_models: dict[str, CometModel] = Field(
         default_factory=dict,
@@ -340,7 +169,8 @@ class ScoreSection(Section):
     metrics: list[str] = Field(
         default_factory=lambda: ["chrf"],
         description="Segment metrics: chrf, bleu (reference-based), consensus_chrf (reference-free, no model), "
-        "or a name from comet_models (xcomet_xxl, kiwi_xxl, kiwi_22, comet_22, or your own).",
+        "a name from comet_models (xcomet_xxl, kiwi_xxl, kiwi_22, comet_22, or your own), or published:<name>: "
+        "the scores an hf_dataset source carries (its published_scores), read instead of running a model.",
     )
     cache_path: str | None = Field(
         None,
@@ -366,7 +196,7 @@ class ScoreSection(Section):
         comet = info.data.get("comet_models") or DEFAULT_COMET_MODELS
         valid = [*STRING_METRICS, *comet]
         for metric in v:
-            if metric not in valid:
+            if metric not in valid and not published_name(metric):
                 raise ValueError(
                     f"unknown metric '{metric}'{nearest_key(metric, valid)} (known: {', '.join(valid)})"
                 )
@@ -387,6 +217,19 @@ class SelectSection(Section):
     )
     noise_delete: float = Field(0.15, ge=0, lt=1, description="noise: probability of deleting each word.")
     noise_swap: float = Field(0.3, ge=0, lt=1, description="noise: probability of swapping adjacent words.")
+    human_preferences: bool = Field(
+        True,
+        description="Where an ingest source carried a human label for a segment (ALMA-R-Preference's Delta: its "
+        "preference_field) and both labelled systems are candidates, the pair is (labelled chosen, labelled "
+        "rejected) whatever the scores and min_margin, as ALMA-R. False: the scores alone decide.",
+    )
+    normalize: Literal["none", "zscore"] = Field(
+        "none",
+        description="none: average the selection metrics as they are (they must share a scale: chrF/BLEU/"
+        "consensus_chrf 0-100, COMET and published: 0-1); zscore: first turn each metric into z-scores per "
+        "direction, over every scored candidate and reference of that direction (min_margin is then in "
+        "standard deviations).",
+    )
 
 
 # The LoRA settings and the train section are the CPO recipe's own settings (models/train/settings.py): declared
@@ -455,13 +298,69 @@ class RunConfig(Section):
                 f"sft.enabled with model.adapter ({self.model.adapter}): the SFT warm-up trains all "
                 "weights of a base model; start CPO from the adapter instead (sft.enabled: false)"
             )
+        self._model_fields()
         if self.select.metrics:
             unknown = set(self.select.metrics) - set(self.score.metrics)
             if unknown:
                 raise ValueError(
                     f"select.metrics {sorted(unknown)} are not produced by score.metrics {self.score.metrics}"
                 )
+        self._check_selection_scales()
+        self._check_published_metrics()
         return self
+
+    def _check_selection_scales(self) -> None:
+        """A mean of metrics on different scales is decided by the 0-100 ones alone."""
+        field = "select.metrics" if self.select.metrics else "score.metrics (select.metrics unset)"
+        metrics = self.select.metrics or self.score.metrics
+        scales: dict[str, list[str]] = {}
+        for m in metrics:
+            scales.setdefault(metric_scale(m), []).append(m)
+        if len(scales) > 1 and self.select.normalize == "none":
+            ranges = "; ".join(f"{scale}: {ms}" for scale, ms in sorted(scales.items()))
+            raise ValueError(
+                f"{field} averages metrics on different scales ({ranges}) with select.normalize: none; set "
+                "select.normalize: zscore or select metrics of one scale"
+            )
+
+    def _check_published_metrics(self) -> None:
+        """A published:<name> metric needs an hf_dataset source that carries <name>."""
+        carried = {n for s in self.ingest.sources if s.kind == "hf_dataset" for n in s.published_scores}
+        for m in self.score.metrics:
+            name = published_name(m)
+            if name and name not in carried:
+                raise ValueError(
+                    f"score.metrics '{m}' reads published scores, but no hf_dataset source lists '{name}' in "
+                    f"its published_scores (they list {sorted(carried)})"
+                )
+
+    def _model_fields(self) -> None:
+        """Settings that the model section makes meaningless, each refused naming both fields."""
+        model, train = self.model, self.train
+        # By value, not by whether it was written: a stage's child process validates the dumped config, where
+        # every field is set.
+        if model.adapter and train.lora != LoraSettings():
+            raise ValueError(
+                f"train.lora with model.adapter ({model.adapter}): a continued adapter keeps its own LoRA "
+                "configuration, so train.lora would be ignored; remove train.lora, or model.adapter to train a "
+                "new adapter"
+            )
+        if model.adapter and train.finetune == "full":
+            raise ValueError(
+                f"train.finetune: full with model.adapter ({model.adapter}): full fine-tuning trains a base "
+                "model's weights, not an adapter; use finetune: lora, or give a merged model as model.base"
+            )
+        if model.revision and (model.base == "tiny" or is_local(model.base)):
+            raise ValueError(
+                f"model.revision ({model.revision}) with model.base {model.base}: a revision names a Hub "
+                "commit, and model.base is not a Hub id; remove model.revision"
+            )
+        if model.adapter_revision and (not model.adapter or is_local(model.adapter)):
+            what = f"model.adapter {model.adapter} is a local folder" if model.adapter else "no model.adapter"
+            raise ValueError(
+                f"model.adapter_revision ({model.adapter_revision}) with {what}: a revision names a Hub "
+                "commit of the adapter; remove model.adapter_revision"
+            )
 
     def section_hash(self, *sections: str) -> str:
         """A fingerprint of some sections, for caching: a stage reruns when its own settings change."""

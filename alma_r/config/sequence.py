@@ -15,8 +15,9 @@ from typing import Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from alma_r.config.base import Section, sections_hash
+from alma_r.config.generate import EndpointSection
 from alma_r.config.loading import load_config
-from alma_r.config.run import EndpointSection, ModelSection, RunSection, TinyModelConfig
+from alma_r.config.run import ModelSection, RunSection, TinyModelConfig
 from alma_r.data.dolly import DollyConfig
 from alma_r.models.result_fields import NOT_A_RESULT
 from alma_r.models.sequence.settings import LrScheduler, NegativeMix, SequenceCPOHyperparameters

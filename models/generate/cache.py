@@ -1,12 +1,13 @@
 """A content-addressed cache of generated translations, so that a rerun (e.g. a scheduled retraining on grown
 data) generates only what no earlier run did.
 
-A generation is keyed by what its text depends on: the model's content (a local folder by the digests of its
-files, a Hub model by its id and commit), the backend, the exact prompt, the decoding settings that change
-outputs (not the batch size), the sample's index k and its seed. The seed of a sampled segment is derived from
-the run's seed and the segment's id (`segment_seed`), never from its place in a batch, so a segment's samples do
-not depend on which other segments are generated with it, in which order or shard. A prompt over the token limit
-is stored too, as a marker with its length, so a rerun counts it as skipped without loading the model.
+A generation is keyed by what its text depends on: the model's content (models/weights.py's weights_fingerprint:
+a local folder by the digests of its files, a Hub model by its repository and commit), the backend, the exact
+prompt, the decoding settings that change outputs (not the batch size), the sample's index k and its seed. The
+seed of a sampled segment is derived from the run's seed and the segment's id (`segment_seed`), never from its
+place in a batch, so a segment's samples do not depend on which other segments are generated with it, in which
+order or shard. A prompt over the token limit is stored too, as a marker with its length, so a rerun counts it
+as skipped without loading the model.
 
 SQLite, like the score cache (models/score/cache.py): one file, each batch written in one transaction as soon as
 it is generated, so a stage killed half-way keeps what it made; one writer process at a time.
@@ -23,11 +24,7 @@ from pathlib import Path
 
 from alma_r.data.digests import file_sha256
 from alma_r.models.generate.hf_backend import Decoding
-from alma_r.models.loading import check_model_path
-
-
-class ModelRevisionError(OSError):
-    """A Hub model whose commit cannot be found (offline and not in the local cache, or not on the Hub)."""
+from alma_r.models.weights import weights_fingerprint
 
 
 def segment_seed(run_seed: int, segment_id: str, k: int = 0) -> int:
@@ -63,19 +60,6 @@ def generation_key(model: dict, backend: str, prompt: str, settings: dict, k: in
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def hub_revision(repo_id: str, filename: str) -> str:
-    """The commit of a Hub repository that a load would use now: its `filename` is fetched (or found in the
-    local cache when offline), and the cache's snapshot folder is named by the commit."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        path = hf_hub_download(repo_id, filename)
-    except Exception as err:  # noqa: BLE001 - the Hub's errors are many; each means "no revision"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelRevisionError(f"{repo_id}: no Hub revision for the generation cache: {first}") from None
-    return Path(path).parent.name
 
 
 @dataclass(frozen=True)
@@ -144,28 +128,11 @@ class GenerationCache:
             )
         return digest
 
-    def source_fingerprint(self, name: str, config_file: str) -> dict:
-        """A local folder by the digests of its files (hidden ones aside), wherever it lies; a Hub id by its id
-        and commit (`config_file` is the file fetched to learn the commit)."""
-        check_model_path(name, weights=False)
-        folder = Path(name).expanduser()
-        if not folder.is_dir():
-            return {"hub": name, "revision": hub_revision(name, config_file)}
-        files = sorted(
-            p
-            for p in folder.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        )
-        digest = hashlib.sha256()
-        for p in files:
-            digest.update(f"{p.relative_to(folder).as_posix()}\0{self.file_digest(p)}\n".encode())
-        return {"files": digest.hexdigest()}
-
     def model_fingerprint(self, model: str, adapter: str | None, dtype: str) -> dict:
         """What a policy model's outputs depend on: base weights and tokenizer, adapter, dtype."""
         return {
-            "model": self.source_fingerprint(model, "config.json"),
-            "adapter": self.source_fingerprint(adapter, "adapter_config.json") if adapter else None,
+            "model": weights_fingerprint(model, digest=self.file_digest),
+            "adapter": weights_fingerprint(adapter, digest=self.file_digest),
             "dtype": dtype,
         }
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from alma_r.data.hub import HubError, HubSnapshot, hub_snapshot
+
 # Lightning's device banners and "Tip" adverts, COMET's "Encoder model frozen." are INFO logs on these.
 _CHATTY_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric", "comet")
 
@@ -54,8 +56,16 @@ class CometResult:
     error_spans: list[dict] | None = None
 
 
-def resolve_checkpoint(model: str) -> Path:
-    """A local `.ckpt`, a model folder holding `checkpoints/model.ckpt`, or else a Hub id to download."""
+def is_hub_id(model: str) -> bool:
+    """Anything but an existing file or folder, or a name written as a path or a checkpoint file."""
+    path = Path(model).expanduser()
+    written_local = model.endswith(".ckpt") or path.is_absolute() or model.startswith((".", "~"))
+    return not path.exists() and not written_local
+
+
+def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
+    """A local `.ckpt`, a model folder holding `checkpoints/model.ckpt`, or else a Hub id to download at
+    `revision` (None: main)."""
     path = Path(model).expanduser()
     if path.is_file():
         return path
@@ -64,34 +74,30 @@ def resolve_checkpoint(model: str) -> Path:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"COMET model folder {path} has no checkpoints/model.ckpt")
         return checkpoint
-    if model.endswith(".ckpt") or path.is_absolute() or model.startswith("."):
+    if not is_hub_id(model):
         raise FileNotFoundError(f"no COMET checkpoint at {path}")
-    return download(model)
+    return download(model, revision)
 
 
-def download(model: str) -> Path:
-    """`comet.download_model`, but failing with the Hub's own reason.
+def hub_revision(model: str, revision: str | None = None) -> HubSnapshot:
+    """The commit `revision` of a COMET repository is at now, with only its hparams.yaml fetched: enough to key
+    its scores and to know whether it reads references, without downloading a checkpoint of many GB."""
+    return _comet_snapshot(model, revision, allow_patterns=["hparams.yaml"])
 
-    COMET turns every download failure (gated repo, no token, offline, typo, network) into
-    KeyError("Model '...' not supported by COMET."): on that, ask the Hub again and report what it says.
-    """
-    import comet
-    from huggingface_hub import snapshot_download
 
+def download(model: str, revision: str | None = None) -> Path:
+    """The checkpoint of a COMET repository at `revision` (a branch, tag or commit; None: main), fetched into the
+    Hub cache (data/hub.py; offline: found there). A COMET checkpoint is a Lightning pickle, COMET's own format:
+    it is loaded as COMET loads it, not through the safetensors policy of models/weights.py."""
+    return _comet_snapshot(model, revision).path / "checkpoints" / "model.ckpt"
+
+
+def _comet_snapshot(model: str, revision: str | None, allow_patterns: list[str] | None = None) -> HubSnapshot:
     try:
-        return Path(comet.download_model(model))
-    except KeyError:
-        pass
-    try:
-        folder = snapshot_download(repo_id=model)
-    except Exception as err:
-        hint = ""
-        if type(err).__name__ == "GatedRepoError":
-            hint = " (a gated model: accept its licence on huggingface.co and log in or set HF_TOKEN)"
-        raise RuntimeError(
-            f"cannot download COMET model '{model}' from the Hugging Face Hub{hint}: {type(err).__name__}: {err}"
-        ) from err
-    return Path(folder) / "checkpoints" / "model.ckpt"
+        return hub_snapshot(model, revision, allow_patterns=allow_patterns)
+    except HubError as err:
+        gated = " (a gated model: accept its licence on huggingface.co and log in or set HF_TOKEN)"
+        raise HubError(f"COMET {err}{gated if 'GatedRepoError' in str(err) else ''}") from None
 
 
 def accepts_reference(hparams) -> bool:
@@ -136,7 +142,8 @@ class CometScorer:
     file or a folder holding checkpoints/model.ckpt. `gpus`: 1 if CUDA is available else 0 (one device at most:
     COMET's multi-GPU path re-launches the script under DDP). `reference`: None uses a reference whenever the
     model accepts one; False scores reference-free (XCOMET as a QE model, the paper's setting); True insists.
-    `fp16`: None halves the model on GPU only (as `comet-score` does, which also halves on CPU).
+    `fp16`: None halves the model on GPU only (as `comet-score` does, which also halves on CPU). `revision`: of
+    a Hub id (a branch, tag or commit; None: main).
     """
 
     def __init__(
@@ -147,12 +154,14 @@ class CometScorer:
         reference: bool | None = None,
         fp16: bool | None = None,
         progress_bar: bool = True,
+        revision: str | None = None,
     ) -> None:
         if gpus is None:
             gpus = 1 if torch.cuda.is_available() else 0
         if gpus not in (0, 1):
             raise ValueError(f"gpus={gpus}: a CometScorer uses one device at most (0 or 1); run one per GPU")
-        self._model_id = str(model)
+        self._name = str(model)
+        self.revision = revision
         self.batch_size = batch_size
         self.gpus = gpus
         self.reference = reference
@@ -160,19 +169,38 @@ class CometScorer:
         self.progress_bar = progress_bar
         self.segments_scored = 0  # items sent to the model, so callers can prove a cache skipped work
         self._checkpoint: Path | None = None
+        self._from_hub = is_hub_id(self._name)
+        self._resolved: HubSnapshot | None = None
         self._model = None
         self._lock = threading.RLock()
 
     @property
-    def model_id(self) -> str:
+    def model_name(self) -> str:
         """The model as given: COMET model names are what users cite."""
-        return self._model_id
+        return self._name
+
+    @property
+    def resolved(self) -> HubSnapshot | None:
+        """The Hub commit a Hub id's revision resolved to (once, on first use: every score of this scorer is of
+        that commit), None for a local checkpoint."""
+        if self._resolved is None and self._from_hub:
+            with self._lock:
+                if self._resolved is None:
+                    self._resolved = hub_revision(self._name, self.revision)
+        return self._resolved
+
+    @property
+    def model_id(self) -> str:
+        """The model as given, and for a Hub id `@<commit>`: scores of another revision are other scores, so the
+        score cache keyed by it never hands them out for this one."""
+        resolved = self.resolved
+        return f"{self._name}@{resolved.commit}" if resolved else self._name
 
     @property
     def signature(self) -> str:
         """The model as given, marked when a reference-capable model is forced reference-free (different
         scores, so a cache must not share them)."""
-        return self._model_id if self.reference is not False else f"{self._model_id}|ref:no"
+        return self.model_id if self.reference is not False else f"{self.model_id}|ref:no"
 
     @property
     def checkpoint(self) -> Path:
@@ -180,7 +208,10 @@ class CometScorer:
         if self._checkpoint is None:
             with self._lock, quiet_comet():
                 if self._checkpoint is None:
-                    self._checkpoint = resolve_checkpoint(self._model_id)
+                    resolved = self.resolved  # the commit the scores are keyed by, downloaded at last
+                    self._checkpoint = (
+                        download(self._name, resolved.commit) if resolved else resolve_checkpoint(self._name)
+                    )
         return self._checkpoint
 
     @property
@@ -202,9 +233,9 @@ class CometScorer:
         if self.fp16:
             model.half()
         if self.reference and not accepts_reference(model.hparams):
-            raise ValueError(f"COMET model {self._model_id} takes no reference (reference=True was asked)")
+            raise ValueError(f"COMET model {self._name} takes no reference (reference=True was asked)")
         if self.reference is False and model.requires_references():
-            raise ValueError(f"COMET model {self._model_id} needs a reference (reference=False was asked)")
+            raise ValueError(f"COMET model {self._name} needs a reference (reference=False was asked)")
         return model
 
     @property
@@ -216,7 +247,9 @@ class CometScorer:
             return self.reference
         if self._model is not None:
             return accepts_reference(self._model.hparams)
-        return accepts_reference(read_hparams(self.checkpoint))
+        resolved = self.resolved  # a Hub id: its hparams.yaml is fetched, its checkpoint need not be
+        checkpoint = resolved.path / "checkpoints" / "model.ckpt" if resolved else self.checkpoint
+        return accepts_reference(read_hparams(checkpoint))
 
     def score(self, items: list[dict]) -> list[CometResult]:
         """One result per item, in input order. Empty translations are scored like any other (the caller flags
@@ -229,7 +262,7 @@ class CometScorer:
             keys = ("src", "mt", "ref") if use_ref else ("src", "mt")
             missing = [k for k in keys if not isinstance(item.get(k), str)]
             if missing:
-                raise ValueError(f"item {i} has no string {missing} for COMET model {self._model_id}")
+                raise ValueError(f"item {i} has no string {missing} for COMET model {self._name}")
             samples.append({k: item[k] for k in keys})
         with quiet_comet():
             output = self.model.predict(
@@ -248,6 +281,6 @@ class CometScorer:
         for i, score in enumerate(output.scores):
             score = float(score)
             if not math.isfinite(score):
-                raise ValueError(f"COMET model {self._model_id} gave item {i} a non-finite score ({score})")
+                raise ValueError(f"COMET model {self._name} gave item {i} a non-finite score ({score})")
             results.append(CometResult(score, None if spans is None else [dict(s) for s in spans[i]]))
         return results

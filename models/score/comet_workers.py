@@ -4,8 +4,9 @@ returns every byte of GPU memory when it exits.
 
     python -m alma_r.models.score.comet_workers request.json scores.jsonl
 
-The request (JSON): model, batch_size, reference (true, false or null: the model's own kind) and items (the
-shard's {"src", "mt", "ref"} dicts). The output: one {"score", "error_spans"} line per item, in order, written
+The request (JSON): model, revision (the commit a Hub id resolved to, so every worker scores with that one),
+batch_size, reference (true, false or null: the model's own kind) and items (the shard's {"src", "mt", "ref"}
+dicts). The output: one {"score", "error_spans"} line per item, in order, written
 atomically. The worker is only ever started by ShardedCometScorer, so it reads a file, not a command line.
 """
 
@@ -27,12 +28,22 @@ from alma_r.models.score.comet_scorer import CometResult, CometScorer
 class ShardedCometScorer:
     """The CometScorer interface, with `score` fanned out to `processes` worker processes."""
 
-    def __init__(self, model: str, processes: int, batch_size: int = 16, reference: bool | None = None):
-        self.local = CometScorer(model, batch_size=batch_size, reference=reference, progress_bar=False)
+    def __init__(
+        self,
+        model: str,
+        processes: int,
+        batch_size: int = 16,
+        reference: bool | None = None,
+        revision: str | None = None,
+    ):
+        self.local = CometScorer(
+            model, batch_size=batch_size, reference=reference, progress_bar=False, revision=revision
+        )
         self.processes = processes
         self.segments_scored = 0
 
     model_id = property(lambda self: self.local.model_id)
+    resolved = property(lambda self: self.local.resolved)
     signature = property(lambda self: self.local.signature)
     uses_reference = property(lambda self: self.local.uses_reference)
 
@@ -50,7 +61,8 @@ class ShardedCometScorer:
                     continue
                 request, out = Path(tmp) / f"request-{k}.json", Path(tmp) / f"out-{k}.jsonl"
                 shard_request = {
-                    "model": self.model_id,
+                    "model": self.local.model_name,
+                    "revision": self.resolved.commit if self.resolved else None,
                     "batch_size": self.local.batch_size,
                     "reference": self.local.reference,
                     "items": [items[i] for i in shard],
@@ -84,6 +96,7 @@ def score_request(request_path: Path, output: Path) -> None:
         batch_size=int(request.get("batch_size", 16)),
         reference=request.get("reference"),
         progress_bar=False,
+        revision=request.get("revision"),
     )
     results = scorer.score(request["items"])
     write_text_atomic(

@@ -12,7 +12,9 @@ Layout (what `comet.load_from_checkpoint` expects, plus the encoder it names):
 
 The hyper-parameters record the encoder folder by absolute path (COMET hands `pretrained_model` straight to
 `from_pretrained`, and its loader takes no override), so the checkpoint is not relocatable: moving `out_dir`
-breaks it. Rebuilding is cheap and seeded, so it gives the same weights.
+breaks it. Rebuilding is cheap and seeded, so it gives the same weights. With `encoder_id` they name a Hub id
+instead, as a published checkpoint does (wmt22-comet-da: xlm-roberta-large): the checkpoint then loads wherever
+it lies, once `encoder/`'s files are in the Hub cache under that id.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def train_xlmr_tokenizer(texts: list[str], vocab_size: int = 1000):
     )
 
 
-def _metric(kind: str, encoder_dir: Path):
+def _metric(kind: str, encoder_dir: Path, xl: bool):
     """The COMET class and settings each kind mirrors, scaled down (word_layer must be < layers + 1)."""
     from comet.models import RegressionMetric, UnifiedMetric, XCOMETMetric
 
@@ -74,7 +76,7 @@ def _metric(kind: str, encoder_dir: Path):
         kind == "kiwi"
     ):  # wmt22/23-cometkiwi-da: a UnifiedMetric restricted to [mt, src], CLS sentence embedding
         return UnifiedMetric(
-            encoder_model="XLM-RoBERTa",
+            encoder_model="XLM-RoBERTa-XL" if xl else "XLM-RoBERTa",  # the XXL Kiwi: XLM-R XXL, an XL class
             input_segments=["mt", "src"],
             word_level_training=False,
             word_layer=ENCODER["num_hidden_layers"],
@@ -90,18 +92,33 @@ def _metric(kind: str, encoder_dir: Path):
     raise ValueError(f"unknown tiny COMET kind '{kind}' (known: {', '.join(KINDS)})")
 
 
-def build_tiny_comet(out_dir: Path, kind: str, texts: list[str], seed: int = 0) -> Path:
-    """Write a tiny COMET model of `kind` to `out_dir` (replaced atomically) and return its checkpoint path."""
+def build_tiny_comet(
+    out_dir: Path,
+    kind: str,
+    texts: list[str],
+    seed: int = 0,
+    encoder_id: str | None = None,
+    xl: bool | None = None,
+) -> Path:
+    """Write a tiny COMET model of `kind` to `out_dir` (replaced atomically) and return its checkpoint path.
+    `encoder_id`: the Hub id its hyper-parameters name as `pretrained_model` (None: `out_dir/encoder` by
+    absolute path). `xl`: an XLM-RoBERTa-XL encoder (None: for xcomet only), as XLM-R XXL models have."""
     from transformers import XLMRobertaConfig, XLMRobertaXLConfig
 
     if kind not in KINDS:
         raise ValueError(f"unknown tiny COMET kind '{kind}' (known: {', '.join(KINDS)})")
+    if xl is None:
+        xl = kind == "xcomet"
+    if xl != (kind == "xcomet") and kind != "kiwi":  # only Kiwi comes in both (wmt22: XLM-R, wmt23 XXL: XL)
+        raise ValueError(
+            f"a tiny {kind} COMET has {'an XLM-RoBERTa-XL' if kind == 'xcomet' else 'an XLM-RoBERTa'} encoder"
+        )
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         tokenizer = train_xlmr_tokenizer(texts)
-        config_class = XLMRobertaXLConfig if kind == "xcomet" else XLMRobertaConfig
+        config_class = XLMRobertaXLConfig if xl else XLMRobertaConfig
         config = config_class(
             vocab_size=len(tokenizer),
             max_position_embeddings=514,  # XLM-R: 512 tokens + padding offset
@@ -114,10 +131,11 @@ def build_tiny_comet(out_dir: Path, kind: str, texts: list[str], seed: int = 0) 
         config.save_pretrained(tmp / "encoder")
         with torch.random.fork_rng(devices=[]), quiet_comet():  # seeded, leaving the caller's RNG alone
             torch.manual_seed(seed)
-            model = _metric(kind, tmp / "encoder")
+            model = _metric(kind, tmp / "encoder", xl)
             import pytorch_lightning  # after COMET, inside quiet_comet: its import warns about pkg_resources
         hparams = dict(model.hparams)
-        hparams["pretrained_model"] = str(out_dir / "encoder")  # where it will live after the rename
+        # the Hub id, or where the encoder folder will live after the rename
+        hparams["pretrained_model"] = encoder_id or str(out_dir / "encoder")
         (tmp / "hparams.yaml").write_text(yaml.safe_dump(hparams, sort_keys=True), encoding="utf-8")
         (tmp / "checkpoints").mkdir()
         checkpoint = {

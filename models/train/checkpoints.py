@@ -1,17 +1,17 @@
 """Training checkpoints: the fingerprint of what decides a run's result, the refusal to continue another run's
 checkpoint, setting checkpoints aside, the RNG states and the checkpoint folder itself.
 
-A checkpoint continues only the run that wrote it: the same base model and adapter (by content for local folders,
-by hub id and revision otherwise), the same pairs (their text, in order), the same result-affecting settings
-(TrainSettings.identity with the seed, dtype and trust_remote_code) and the same number of processes (with the
-per-device batch_size, it fixes each optimizer step's pairs). Its fingerprint is the hash of those parts, and the
-parts are stored beside it, readable, so that a refusal can name the first one that differs. What changes no
-result (logging and checkpoint cadence, the code) is in none of them.
+A checkpoint continues only the run that wrote it: the same base model and adapter (models/weights.py's
+weights_fingerprint: by content for local folders, by Hub repository and commit otherwise), the same pairs (their
+text, in order), the same result-affecting settings (TrainSettings.identity with the seed, dtype and
+trust_remote_code) and the same number of processes (with the per-device batch_size, it fixes each optimizer
+step's pairs). Its fingerprint is the hash of those parts, and the parts are stored beside it, readable, so that a
+refusal can name the first one that differs. What changes no result (logging and checkpoint cadence, the code) is
+in none of them.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import shutil
@@ -26,7 +26,6 @@ from alma_r.data.digests import json_sha256
 from alma_r.data.io import SUPERSEDED
 from alma_r.models.result_fields import flat_settings
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 TRAINER_STATE = "trainer_state.pt"
 WEIGHTS = "trainable.safetensors"
 FINGERPRINT = (
@@ -49,43 +48,6 @@ def pairs_digest(pairs: list[dict]) -> str:
         fields = [row["prompt"], row["chosen"], row.get("rejected")]
         digest.update(json.dumps(fields, ensure_ascii=False).encode() + b"\n")
     return digest.hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=16)
-def _files_digest(files: tuple[tuple[str, int, int], ...]) -> str:
-    """sha256 of the files' names and bytes; keyed by (path, size, mtime) so that a process reads each once."""
-    digest = hashlib.sha256()
-    for path, _, _ in files:
-        digest.update(Path(path).name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def hub_revision(repo_id: str, cache_dir: str | Path | None = None) -> str:
-    """The commit of the cached snapshot transformers loaded `repo_id` from (its default branch)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    for name in ("config.json", "adapter_config.json"):
-        found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
-        if isinstance(found, str):
-            return Path(found).parent.name  # .../snapshots/<commit>/config.json
-    return "unresolved"
-
-
-def weights_identity(model_path: str | None) -> str | None:
-    """A model or adapter by what it is: a local folder by the content of its weight files (a moved folder
-    still resumes, a rebuilt one does not), a hub id by id and revision. (models/loading.py's model_identity
-    records local folders by path, which says where the weights are, not what they are.)"""
-    if model_path is None:
-        return None
-    folder = Path(model_path).expanduser()
-    if folder.is_dir():
-        files = sorted({p for pattern in WEIGHT_FILES for p in folder.glob(pattern)})
-        stats = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-        return f"weights sha256 {_files_digest(stats)}"
-    return f"hub {model_path}@{hub_revision(model_path)}"
 
 
 def result_parts(

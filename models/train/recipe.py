@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from alma_r.data.io import save_dir_atomic, write_json_atomic, write_text_atomic
 from alma_r.models import progress
-from alma_r.models.loading import load_model, load_tokenizer, model_identity
+from alma_r.models.loading import add_lora, disable_dropout, load_model, load_tokenizer, model_identity
 from alma_r.models.train import checkpoints
 from alma_r.models.train.batching import collate, tokenize_pairs
 from alma_r.models.train.logprobs import CompletionLogps
@@ -46,6 +46,7 @@ from alma_r.models.train.metrics import (
 )
 from alma_r.models.train.schedules import build_scheduler
 from alma_r.models.train.settings import TrainSettings
+from alma_r.models.weights import weights_fingerprint
 
 
 class CPORecipe:
@@ -151,16 +152,9 @@ class CPORecipe:
             device=self.device,
         )
         if self.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            lora = LoraConfig(
-                r=self.lora.r,
-                lora_alpha=self.lora.alpha,
-                lora_dropout=self.lora.dropout,
-                target_modules=list(self.lora.target_modules),
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(model, lora)
+            model = add_lora(model, self.lora.r, self.lora.alpha, self.lora.dropout, self.lora.target_modules)
+        if self.s.disable_dropout:
+            disable_dropout(model)
         if self.s.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
@@ -177,8 +171,8 @@ class CPORecipe:
         """What decides this run's result (checkpoints.result_parts), computed once: it reads the weights."""
         if not hasattr(self, "_parts"):
             self._parts = checkpoints.result_parts(
-                checkpoints.weights_identity(self.model_path),
-                checkpoints.weights_identity(self.adapter),
+                weights_fingerprint(self.model_path),
+                weights_fingerprint(self.adapter),
                 checkpoints.pairs_digest(self.raw_pairs),
                 self._identity(),
                 self.world,

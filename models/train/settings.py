@@ -94,6 +94,11 @@ class TrainSettings(BaseModel):
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="The new adapter, when finetune is lora."
     )
+    disable_dropout: bool = Field(
+        True,
+        description="Set every dropout of the policy to 0 before training, a continued adapter's LoRA dropout "
+        "included (ALMA-R's trainer and TRL's CPOConfig: on).",
+    )
     learning_rate: float = Field(1e-4, gt=0, description="AdamW's peak learning rate (paper: 1e-4).")
     lr_scheduler: Literal["inverse_sqrt", "linear", "cosine", "constant"] = Field(
         "inverse_sqrt",
@@ -151,12 +156,18 @@ class TrainSettings(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _lengths(self) -> TrainSettings:
+    def _consistent(self) -> TrainSettings:
         if self.loss_type == "simpo" and self.simpo_gamma_beta_ratio is not None:
             object.__setattr__(self, "simpo_gamma", self.simpo_gamma_beta_ratio * self.beta)
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
+            )
+        if self.disable_dropout and self.finetune == "lora" and self.lora.dropout > 0:
+            # The recipe would set it to 0: a value that is not used must not look like one that is.
+            raise ValueError(
+                f"lora.dropout {self.lora.dropout} with disable_dropout on: every dropout is set to 0 before "
+                "training; turn disable_dropout off to train with it, or set lora.dropout to 0"
             )
         return self
 

@@ -1,5 +1,6 @@
 """Scoring shared by the score and evaluate stages: the scorer for a metric name, and scoring many items with
-each distinct request sent to the model once (deduplicated, and looked up in the content-addressed cache)."""
+each distinct request sent to the model once (deduplicated, and looked up in the content-addressed cache); the
+published scores an ingest source carried, for the metrics `published:<name>`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import math
 from pathlib import Path
 
 from alma_r.config import RunConfig, config_base_dir, resolve_path
+from alma_r.data.hub_datasets import published_name
+from alma_r.data.io import read_rows
+from alma_r.data.schemas import INGESTED_TRANSLATIONS, PUBLISHED_SCORES, REFERENCE
 from alma_r.models import progress
 from alma_r.models.score.cache import ScoreCache, score_key
 from alma_r.models.score.scorers import ConsensusScorer, SacrebleuScorer
@@ -36,9 +40,21 @@ def make_scorer(cfg: RunConfig, metric: str, tgt_lang: str):
     spec = cfg.score.comet_models[metric]
     model = comet_model_path(spec.model, config_base_dir(cfg))
     processes = cfg.score.processes or max(torch.cuda.device_count(), 1)
+    options = {"batch_size": cfg.score.batch_size, "reference": spec.reference, "revision": spec.revision}
     if processes > 1:  # one worker process per GPU, each on its own shard
-        return ShardedCometScorer(model, processes, batch_size=cfg.score.batch_size, reference=spec.reference)
-    return CometScorer(model, batch_size=cfg.score.batch_size, reference=spec.reference)
+        return ShardedCometScorer(model, processes, **options)
+    return CometScorer(model, **options)
+
+
+def resolved_records(scorers) -> list[dict]:
+    """The Hub snapshots the scorers' COMET checkpoints came from (id, revision, commit), for a stage's counts
+    (`resolved`, collected into run.json's `hub`); string metrics and local checkpoints have none."""
+    records = []
+    for scorer in scorers:
+        snapshot = getattr(scorer, "resolved", None)
+        if snapshot is not None and snapshot.record() not in records:
+            records.append(snapshot.record())
+    return records
 
 
 PROGRESS_BLOCK = (
@@ -99,6 +115,62 @@ def score_items(
             }
         )
     return rows
+
+
+class PublishedScores:
+    """The scores ingest's hf_dataset sources carried (its published_scores table), for the metrics
+    `published:<name>`: looked up, never computed. Such a score belongs to the dataset's own translation, so a
+    candidate is given it only when its text is that translation (ingest's ingested_translations)."""
+
+    def __init__(self, published: Path | None, ingested: Path | None):
+        self.present = published is not None
+        self.scores = {
+            (r["segment_id"], r["system"], r["metric"]): r
+            for r in (read_rows(published, PUBLISHED_SCORES) if published else [])
+        }
+        self.texts = {
+            (r["segment_id"], r["system"]): r["hypothesis"]
+            for r in (read_rows(ingested, INGESTED_TRANSLATIONS) if ingested else [])
+        }
+
+    def carried(self, metric: str) -> list[str]:
+        return sorted({system for (_, system, m) in self.scores if m == metric})
+
+    def rows(self, metric: str, items: list[tuple[dict, str, str, list[str]]], counts: dict) -> list[dict]:
+        """SCORES rows of (segment, system, text, others) items; a candidate without a published score is one
+        line naming the metric, system and segment, and the systems the dataset carries scores for."""
+        if not self.present:
+            raise ScoringError(
+                f"metric '{metric}': ingest wrote no published scores (an hf_dataset source lists "
+                f"'{published_name(metric)}' in published_scores and carries them)"
+            )
+        rows = []
+        for seg, system, text, _ in items:
+            row = self.scores.get((seg["id"], system, metric))
+            if row is None:
+                raise ScoringError(
+                    f"metric '{metric}': no published score for system '{system}' on segment '{seg['id']}'; "
+                    f"the dataset carries them for systems {self.carried(metric)}"
+                )
+            if system != REFERENCE and self.texts.get((seg["id"], system)) != text:
+                raise ScoringError(
+                    f"metric '{metric}': system '{system}' on segment '{seg['id']}' is not the translation the "
+                    "dataset published its score for (give the system backend ingested)"
+                )
+            rows.append(
+                {
+                    "segment_id": seg["id"],
+                    "lp": seg["lp"],
+                    "system": system,
+                    "metric": metric,
+                    "model_id": f"published by {row['origin']}",
+                    "score": row["score"],
+                    "error_spans": None,
+                    "flag": None if text.strip() else "empty_hypothesis",
+                }
+            )
+        counts[f"{metric}/published"] = counts.get(f"{metric}/published", 0) + len(rows)
+        return rows
 
 
 def cache_path_for(cfg: RunConfig) -> Path:

@@ -1,11 +1,13 @@
 """The preference-pair rule of ALMA-R ("Contrastive Preference Optimization: Pushing the Boundaries of LLM
 Performance in Machine Translation", Xu et al., ICML 2024, section 3): per source, chosen = the best-scored
-translation, rejected = the worst (or the chosen one with noise), ties dropped. Plain functions of rows, shared
-by the select stage (tasks/select.py) and the learning check."""
+translation, rejected = the worst (or the chosen one with noise), ties dropped; a human label between two of the
+candidates decides instead of the scores where there is one. Plain functions of rows, shared by the select stage
+(tasks/select.py), the learning check and `alma-r published-pairs`."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections import Counter, defaultdict
 
@@ -38,6 +40,52 @@ def _segment_rng(seed: int, segment_id: str) -> random.Random:
     return random.Random(int(hashlib.sha256(f"{seed}:{segment_id}".encode()).hexdigest()[:16], 16))
 
 
+def zscores(
+    segments: list[dict],
+    texts: dict[tuple[str, str], str],
+    scores: dict[tuple[str, str, str], float],
+    metrics: list[str],
+) -> dict[tuple[str, str, str], float]:
+    """`scores` of the given metrics as z-scores, per direction and metric, over every scored candidate and
+    reference of that direction (population standard deviation; a pool whose scores are all equal gives 0):
+    metrics on different scales (chrF 0-100, COMET 0-1) then weigh alike in a mean."""
+    lp_of = {seg["id"]: seg["lp"] for seg in segments}
+    pools: dict[tuple[str, str], list[tuple[str, str, str]]] = defaultdict(list)
+    for sid, system in texts:
+        if sid in lp_of:
+            for m in metrics:
+                if (sid, system, m) in scores:
+                    pools[(lp_of[sid], m)].append((sid, system, m))
+    out = {}
+    for keys in pools.values():
+        values = [scores[k] for k in keys]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        out.update({k: (scores[k] - mean) / std if std > 0 else 0.0 for k in keys})
+    return out
+
+
+def label_preferences(
+    human_labels: dict[str, float] | None, override_systems: tuple[str, str] | None
+) -> dict[str, tuple[str, str]]:
+    """segment_id -> (chosen, rejected) from signed labels between two fixed systems (the published data's
+    Delta: > 0 chooses override_systems[0], < 0 the reverse, 0: no label)."""
+    if not human_labels or not override_systems:
+        return {}
+    first, second = override_systems
+    return {sid: (first, second) if d > 0 else (second, first) for sid, d in human_labels.items() if d}
+
+
+def human_choice(
+    preference: tuple[str, str] | None, candidates: list[str] | set[str]
+) -> tuple[str, str] | None:
+    """The labelled (chosen, rejected) when both are among the segment's candidates, else None (the scores
+    decide)."""
+    if preference and all(s in candidates for s in preference):
+        return preference
+    return None
+
+
 def select_pairs(
     segments: list[dict],
     texts: dict[tuple[str, str], str],
@@ -50,16 +98,28 @@ def select_pairs(
     rejected: str = "worst",
     noise: tuple[float, float] = (0.15, 0.3),
     seed: int = 0,
+    preferences: dict[str, tuple[str, str]] | None = None,
+    normalize: str = "none",
 ) -> tuple[list[dict], list[dict]]:
     """The selection rule, pure.
 
     texts: (segment_id, system) -> translation (the reference under system 'reference');
     scores: (segment_id, system, metric) -> score; human_labels: segment_id -> Delta, where Delta > 0 chooses
-    override_systems[0] over override_systems[1], Delta < 0 the reverse, 0 leaves it to the scores.
-    rejected: "worst" (ALMA-R) or "noise" (the noised chosen translation). Returns (pairs, dropped).
+    override_systems[0] over override_systems[1], Delta < 0 the reverse, 0 leaves it to the scores;
+    preferences: segment_id -> (chosen, rejected) labels between any two systems (the ingest stage's
+    human_preferences table; wins over human_labels for the same segment). A label decides only when both of its
+    systems are candidates of the segment, and its pair is kept whatever the margin.
+    rejected: "worst" (ALMA-R) or "noise" (the noised chosen translation); normalize: "none" or "zscore" (the
+    metrics are z-scored, `zscores`, before the mean, and margins are in standard deviations).
+    Returns (pairs, dropped).
     """
     order = [REFERENCE, *systems]
     pairs, dropped = [], []
+    labels = {**label_preferences(human_labels, override_systems), **(preferences or {})}
+    if normalize == "zscore":
+        scores = zscores(segments, texts, scores, metrics)
+    elif normalize != "none":
+        raise ValueError(f"normalize must be 'none' or 'zscore', not {normalize!r}")
 
     def drop(seg, reason, detail):
         dropped.append({"segment_id": seg["id"], "lp": seg["lp"], "reason": reason, "detail": detail})
@@ -75,9 +135,9 @@ def select_pairs(
             drop(seg, "too_few_candidates", f"candidates: {scored}")
             continue
         mean = {s: sum(scores[(sid, s, m)] for m in metrics) / len(metrics) for s in scored}
-        delta = (human_labels or {}).get(sid, 0.0)
-        if delta and override_systems and all(s in scored for s in override_systems):
-            chosen, worst = override_systems if delta > 0 else override_systems[::-1]
+        labelled = human_choice(labels.get(sid), scored)
+        if labelled:
+            chosen, worst = labelled
         else:
             # max()/min() return the first of equal elements, and `scored` is in tie-break order.
             chosen = max(scored, key=lambda s: mean[s])
@@ -97,7 +157,7 @@ def select_pairs(
                 else f"{chosen} vs {rejected_system}",
             )
             continue
-        if margin is not None and margin < min_margin and not delta:
+        if margin is not None and margin < min_margin and not labelled:
             drop(seg, "margin_below_threshold", f"{margin:.4f} < {min_margin}")
             continue
         pairs.append(
@@ -117,19 +177,44 @@ def select_pairs(
     return pairs, dropped
 
 
-def selection_stats(pairs: list[dict], dropped: list[dict]) -> dict:
-    """The paper's Table 2 layout: share of chosen (and rejected) translations by system, per direction."""
+def labelled_segments(
+    pairs: list[dict], preferences: dict[str, tuple[str, str]], texts: dict[tuple[str, str], str]
+) -> set[str]:
+    """The segments whose pair a human label decided (select_pairs' rule: both labelled systems candidates)."""
+    candidates: dict[str, set[str]] = defaultdict(set)
+    for sid, system in texts:
+        candidates[sid].add(system)
+    return {
+        p["segment_id"]
+        for p in pairs
+        if human_choice(preferences.get(p["segment_id"]), candidates[p["segment_id"]])
+    }
+
+
+def selection_stats(pairs: list[dict], dropped: list[dict], labelled: set[str] | None = None) -> dict:
+    """The paper's Table 2 layout: share of chosen (and rejected) translations by system, per direction; with
+    `labelled` (labelled_segments), how many pairs a human label decided (`from_human_labels`)."""
     by_lp: dict[str, dict] = defaultdict(lambda: {"pairs": 0, "chosen": Counter(), "rejected": Counter()})
     for p in pairs:
         entry = by_lp[p["lp"]]
         entry["pairs"] += 1
         entry["chosen"][p["chosen_system"]] += 1
         entry["rejected"][p["rejected_system"]] += 1
-    return {
+        if labelled is not None:
+            entry["from_human_labels"] = entry.get("from_human_labels", 0) + (p["segment_id"] in labelled)
+    stats = {
         "pairs": len(pairs),
         "dropped": dict(Counter(d["reason"] for d in dropped)),
         "by_lp": {
-            lp: {"pairs": e["pairs"], "chosen": dict(e["chosen"]), "rejected": dict(e["rejected"])}
+            lp: {
+                "pairs": e["pairs"],
+                "chosen": dict(e["chosen"]),
+                "rejected": dict(e["rejected"]),
+                **({"from_human_labels": e["from_human_labels"]} if labelled is not None else {}),
+            }
             for lp, e in sorted(by_lp.items())
         },
     }
+    if labelled is not None:
+        stats["from_human_labels"] = sum(p["segment_id"] in labelled for p in pairs)
+    return stats

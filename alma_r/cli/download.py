@@ -41,6 +41,9 @@ def run_download_cli(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(f"alma-r download: into {caches()}", file=sys.stderr, flush=True)
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # one line per item below says what happened; the Hub's bars per file interleave
 
     def progress(i: int, n: int, item) -> None:
         print(f"alma-r download: [{i}/{n}] {item.line()}", file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -310,3 +311,32 @@ def test_the_download_command_is_listed():
         [sys.executable, "-m", "alma_r.cli", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
     )
     assert re.search(r"^\s+download\s+fetch the models", done.stdout, re.M), done.stdout
+
+
+def test_pin_writes_the_config_with_every_revision_at_its_commit(paper_cache, hf_home, tmp_path):
+    from alma_r.config import load_config
+
+    _, written = paper_cache
+    pinned = tmp_path / "pinned.yaml"
+    done = download(PAPER, hf_home, "--pin", str(pinned))
+    assert done.returncode == 0, done.stderr
+    cfg = load_config(pinned)
+    assert cfg.model.revision == written[BASE][SAFETENSORS_REVISION]
+    assert cfg.model.adapter_revision == written[ADAPTER]["main"]
+    for metric in ("kiwi_22", "kiwi_xxl", "xcomet_xxl", "comet_22"):
+        spec = cfg.score.comet_models[metric]
+        assert spec.revision == written[spec.model]["main"], metric
+    assert {s.dataset: s.revision for s in cfg.ingest.sources} == {
+        repo_id: written[repo_id]["main"] for repo_id in DATASETS
+    }
+    again = download(pinned, hf_home)  # the pinned config resolves offline, commit by commit
+    assert again.returncode == 0, again.stderr
+    rows = table(again.stdout)
+    assert all(row["revision"] == row["commit"] for (kind, _), row in rows.items() if kind != "encoder")
+
+
+def test_pin_is_not_written_when_an_item_is_missing(paper_cache, hf_home, tmp_path):
+    shutil.rmtree(repo_folder(hf_home, "haoranxu/WMT23-Test", "dataset"))
+    pinned = tmp_path / "pinned.yaml"
+    done = download(PAPER, hf_home, "--pin", str(pinned))
+    assert done.returncode == 1 and not pinned.exists()

@@ -13,7 +13,9 @@ local. A second run fetches nothing and reports each item present. With HF_HUB_O
 each item is looked up in the cache (cached pickle weights that are allowed are still converted: no network).
 
 It prints a line per item as it goes (stderr), then a table: kind, id, revision, commit (pin a run with it),
-size, where, status (downloaded, converted, present, local; missing, refused, failed).
+size, where, status (downloaded, converted, present, local; missing, refused, failed). `--pin FILE` also
+writes the config with every Hub revision replaced by the commit it resolved to (every setting written out),
+once every item is available: a run of FILE reads the same files after a branch moves.
 
 exit status: 0 every item is in the cache (or local); 1 an item is missing or could not be fetched (each is
 named on a line of its own); 2 a config error.
@@ -32,12 +34,17 @@ SUMMARY = "fetch the models, COMET checkpoints and datasets a config names into 
 def add_download_parser(sub) -> None:
     p = add_command(sub, "download", SUMMARY, __doc__, run_download_cli)
     add_config_arguments(p, "configs/alma-13b-r.yaml", force=False)
+    p.add_argument(
+        "--pin",
+        metavar="FILE",
+        help="also write the config with each Hub revision pinned to its resolved commit (e.g. pinned.yaml)",
+    )
 
 
 def run_download_cli(args: argparse.Namespace) -> int:
     from alma_r.config import load_config
     from alma_r.data.hub import offline
-    from alma_r.tasks.shared.prefetch import caches, prefetch, table, unavailable
+    from alma_r.tasks.shared.prefetch import caches, prefetch, table, unavailable, write_pinned_config
 
     cfg = load_config(args.config, args.overrides)
     print(f"alma-r download: into {caches()}", file=sys.stderr, flush=True)
@@ -62,4 +69,9 @@ def run_download_cli(args: argparse.Namespace) -> int:
         print(
             f"alma-r: download: {len(bad)} of {len(items)} items are not available: {then}", file=sys.stderr
         )
-    return 1 if bad else 0
+    if bad:
+        return 1
+    if args.pin:
+        path = write_pinned_config(cfg, items, args.pin, origin=str(args.config))
+        print(f"alma-r download: the config pinned to these commits: {path}", file=sys.stderr)
+    return 0

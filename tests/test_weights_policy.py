@@ -252,3 +252,20 @@ def test_run_json_lists_every_hub_repository_once(tmp_path):
     run.stage_done(StageResult("score", "k2", {}, {"resolved": [comet]}))
     run.stage_done(StageResult("evaluate", "k3", {}, {"resolved": [comet]}))
     assert json.loads((tmp_path / "run.json").read_text())["hub"] == [base, comet]
+
+
+def test_a_branch_that_moved_changes_the_prepare_model_key(hub, tmp_path):
+    from alma_r.tasks.prepare_model import prepare_model_key
+    from alma_r.tasks.runtime.stage import why_changed
+
+    repo = "test-org/moving-branch"
+    old = put_snapshot(hub.home, repo, {"config.json": '{"version": 1}'})
+    cfg = load_config(overrides=[f"model.base={repo}"])
+    before = prepare_model_key(cfg, tmp_path, None).key
+    assert prepare_model_key(cfg, tmp_path, None).key == before
+    new = put_snapshot(hub.home, repo, {"config.json": '{"version": 2}'})  # main now names another commit
+    after = prepare_model_key(cfg, tmp_path, None).key
+    assert after != before
+    assert why_changed(before.parts, after.parts) == f"changed: hub_commits.model.base {old!r} -> {new!r}"
+    local = load_config(overrides=[f"model.base={hub.tiny}"])
+    assert prepare_model_key(local, tmp_path, None).key.parts["extra"] == local.run.seed  # no Hub: as before

@@ -212,6 +212,13 @@ def why_changed(before: dict, now: dict) -> str:
         if changed:
             return "settings changed: " + "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
         return "settings changed"
+    old_extra, new_extra = before.get("extra"), now.get("extra")
+    if isinstance(old_extra, dict) and isinstance(new_extra, dict) and old_extra != new_extra:
+        old, new = flat_settings(old_extra), flat_settings(new_extra)
+        changed = [
+            f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old | new) if old.get(k) != new.get(k)
+        ]
+        return "changed: " + "; ".join(changed[:3])  # e.g. the commit a Hub revision names (prepare_model)
     for part, words in (
         ("code", "the code of the stage changed"),
         ("upstream", "an earlier stage's outputs changed"),

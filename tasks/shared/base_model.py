@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from alma_r.data.hub import is_local
+from alma_r.data.hub import HubError, hub_snapshot, is_local
 from alma_r.models.tiny import build_tiny_model
 from alma_r.models.weights import resolve_weights
 from alma_r.tasks.runtime.stage import StageKey, StageResult, stage_key
@@ -57,9 +57,30 @@ def resolve_folder(
     return str(snapshot.path), [snapshot.record()] if snapshot.repo_id else []
 
 
+def hub_commits(model) -> dict[str, str | None]:
+    """The commit each Hub revision of model.base and model.adapter resolves to now (their config file alone is
+    fetched to learn it): part of the stage key, so that a branch that moved (`main`, a refs/pr/N) recomputes the
+    run from the new commit instead of reusing outputs of the old one. Local folders and the tiny model have
+    none. A revision that cannot be resolved keys as None: the stage then fails with the Hub's reason."""
+    commits = {}
+    for field, name, revision, config_file in (
+        ("model.base", model.base, model.revision, "config.json"),
+        ("model.adapter", model.adapter, model.adapter_revision, "adapter_config.json"),
+    ):
+        if name and name != "tiny" and not is_local(name):
+            try:
+                commits[field] = hub_snapshot(name, revision, allow_patterns=[config_file]).commit
+            except HubError:
+                commits[field] = None
+    return commits
+
+
 def prepare_model_key(cfg, run_dir: Path, texts_from: StageResult, module: str) -> StageKey:
     """The stage reads the stage `texts_from` wrote only to build a tiny model: a hub id or folder handed
-    through does not change with it. `module` is the calling stage module (its code enters the key)."""
+    through does not change with it, but a Hub revision that now names another commit does (hub_commits).
+    `module` is the calling stage module (its code enters the key)."""
     upstream = [texts_from] if cfg.model.base == "tiny" else []
-    key = stage_key("prepare_model", cfg.section_hash("model"), upstream, extra=cfg.run.seed, module=module)
+    commits = hub_commits(cfg.model)
+    extra = {"seed": cfg.run.seed, "hub_commits": commits} if commits else cfg.run.seed
+    key = stage_key("prepare_model", cfg.section_hash("model"), upstream, extra=extra, module=module)
     return StageKey("prepare_model", Path(run_dir) / "prepare_model", key)

@@ -44,7 +44,8 @@ def add_download_parser(sub) -> None:
 def run_download_cli(args: argparse.Namespace) -> int:
     from alma_r.config import load_config
     from alma_r.data.hub import offline
-    from alma_r.tasks.shared.prefetch import caches, prefetch, table, unavailable, write_pinned_config
+    from alma_r.tasks.shared.pinned_config import write_pinned_config
+    from alma_r.tasks.shared.prefetch import caches, prefetch, table, unavailable
 
     cfg = load_config(args.config, args.overrides)
     print(f"alma-r download: into {caches()}", file=sys.stderr, flush=True)

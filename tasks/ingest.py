@@ -38,18 +38,10 @@ def max_segments(cfg: RunConfig, source: SourceConfig) -> int | None:
     return min(limits) if limits else None
 
 
-def dataset_name(source: SourceConfig, base_dir: Path) -> str:
-    """A dataset written as a path (or an existing folder beside the config) is that folder, resolved against
-    the config's folder as every other input path; anything else is a Hub id."""
-    path = resolve_path(source.dataset, base_dir)
-    local = source.dataset.startswith(("sample:", ".", "/", "~")) or path.is_dir()
-    return str(path) if local else source.dataset
-
-
 def dataset_split(source: SourceConfig, base_dir: Path) -> DatasetSplit:
     """An hf_dataset source resolved: the snapshot (downloaded unless offline or cached) and its split's files."""
     return resolve_split(
-        dataset_name(source, base_dir),
+        source.dataset_location(base_dir),
         source.dataset_config,
         source.hf_split or source.split,
         source.revision,

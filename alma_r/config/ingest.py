@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from alma_r.config.base import Section
+from alma_r.config.base import Section, resolve_path
 from alma_r.data.languages import split_lp
 
 
@@ -99,6 +100,13 @@ class SourceConfig(Section):
                 f"source '{self.name}': files has languages {sorted(self.files)}, pair is {self.pair}"
             )
         return self
+
+    def dataset_location(self, base_dir: Path) -> str:
+        """hf_dataset: a dataset written as a path (or an existing folder beside the config) is that folder,
+        resolved against the config's folder as every other input path; anything else is a Hub id."""
+        path = resolve_path(self.dataset, base_dir)
+        local = self.dataset.startswith(("sample:", ".", "/", "~")) or path.is_dir()
+        return str(path) if local else self.dataset
 
 
 class IngestSection(Section):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from alma_r.data.hub import HubError, HubSnapshot, hub_snapshot
+from alma_r.data.hub import HubError, HubSnapshot, hub_snapshot, is_local
 
 # Lightning's device banners and "Tip" adverts, COMET's "Encoder model frozen." are INFO logs on these.
 _CHATTY_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric", "comet")
@@ -57,10 +57,9 @@ class CometResult:
 
 
 def is_hub_id(model: str) -> bool:
-    """Anything but an existing file or folder, or a name written as a path or a checkpoint file."""
-    path = Path(model).expanduser()
-    written_local = model.endswith(".ckpt") or path.is_absolute() or model.startswith((".", "~"))
-    return not path.exists() and not written_local
+    """Anything but what data/hub.py takes for local (an existing file or folder, a name written as a path) or
+    a checkpoint file's name."""
+    return not (is_local(model) or model.endswith(".ckpt"))
 
 
 def resolve_checkpoint(model: str, revision: str | None = None) -> Path:

@@ -108,14 +108,6 @@ def folder_size(path: Path) -> int:
 # --- what the config names ----------------------------------------------------------------------------------------
 
 
-def dataset_location(name: str, base_dir: Path) -> str:
-    """ingest's rule for a dataset: written as a path, or an existing folder beside the config, it is that
-    folder; anything else is a Hub id."""
-    path = resolve_path(name, base_dir)
-    local = name.startswith(("sample:", ".", "/", "~")) or path.is_dir()
-    return str(path) if local else name
-
-
 def used_comet_metrics(cfg: RunConfig) -> list[str]:
     """The COMET metrics a run scores with (selection first, then evaluation), each once."""
     names = [*cfg.score.metrics, *cfg.evaluate.metrics]
@@ -164,7 +156,7 @@ def plan(cfg: RunConfig) -> list[Item]:
     for i, source in enumerate(cfg.ingest.sources):
         where = f"ingest.sources[{i}]"
         if source.kind == "hf_dataset":
-            name = dataset_location(source.dataset, base_dir)
+            name = source.dataset_location(base_dir)
             item = add(
                 ("dataset", name, source.revision), where, kind="dataset", name=name, revision=source.revision
             )

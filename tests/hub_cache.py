@@ -22,6 +22,17 @@ import shutil
 from pathlib import Path
 
 
+def hub_env(hf_home: Path, offline: bool = True, drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """The environment of a child process that sees only the Hub cache of `hf_home`: this process's variables
+    without any HF_* (and `drop`) ones, HF_HOME set and, when `offline`, the Hub and datasets offline
+    (huggingface_hub reads them at import, so only a process of its own can be pointed elsewhere)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", *drop))}
+    env["HF_HOME"] = str(hf_home)
+    if offline:
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return env | extra
+
+
 def repo_folder(hf_home: Path, repo_id: str, repo_type: str = "model") -> Path:
     return Path(hf_home) / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from tests.hub_cache import (
     WMT23,
     HubServer,
     copy_cache,
+    hub_env,
     repo_folder,
 )
 
@@ -47,11 +47,14 @@ def download(
 ):
     """`alma-r download` in a process of its own: offline, or online against `endpoint` (a HubServer; without
     one, no Hub item may be named: there is no network here)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SACREBLEU"))}
-    env.update(HF_HOME=str(hf_home), OMP_NUM_THREADS="1", SACREBLEU=str(sacrebleu or hf_home / "sacrebleu"))
-    env.update(HF_HUB_DISABLE_PROGRESS_BARS="1")
-    if offline:
-        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = hub_env(
+        hf_home,
+        offline,
+        drop=("SACREBLEU",),
+        OMP_NUM_THREADS="1",
+        SACREBLEU=str(sacrebleu or hf_home / "sacrebleu"),
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+    )
     if endpoint:
         env.update(HF_ENDPOINT=endpoint)
     cmd = [sys.executable, "-m", "alma_r.cli", "download", "--config", str(config), *args]

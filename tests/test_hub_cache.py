@@ -4,13 +4,22 @@ HF_HUB_OFFLINE=1, the paper's ids load with the libraries' own calls, as they wo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.hub_cache import ADAPTER, BASE, COMET, PREFERENCE, SAFETENSORS_REVISION, WMT22, WMT23, repo_folder
+from tests.hub_cache import (
+    ADAPTER,
+    BASE,
+    COMET,
+    PREFERENCE,
+    SAFETENSORS_REVISION,
+    WMT22,
+    WMT23,
+    hub_env,
+    repo_folder,
+)
 
 # One process for every check: transformers, datasets and COMET each take seconds to import.
 LOADER = r"""
@@ -68,10 +77,10 @@ print("RESULT " + json.dumps(out))
 @pytest.fixture(scope="module")
 def loaded(paper_cache, tmp_path_factory):
     hf_home, written = paper_cache
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     # a datasets cache of its own: load_dataset writes Arrow files, the shared cache stays as built
-    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    env["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("datasets-cache"))
+    env = hub_env(
+        hf_home, OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path_factory.mktemp("datasets-cache"))
+    )
     argv = [BASE, SAFETENSORS_REVISION, ADAPTER, PREFERENCE, WMT22, WMT23, *COMET]
     done = subprocess.run(
         [sys.executable, "-c", LOADER, *argv], env=env, capture_output=True, text=True, timeout=300

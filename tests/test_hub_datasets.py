@@ -12,7 +12,6 @@ sentences: WMT'22 test segments with the published ALMA-13B-R translations (the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ from alma_r.tasks.score import run_score
 from alma_r.tasks.select import run_select
 from alma_r.tasks.shared.selection import select_pairs
 from tests.conftest import REPO, SHARED_DATA, needs_shared_data
-from tests.hub_cache import dataset_card, put_snapshot
+from tests.hub_cache import dataset_card, hub_env, put_snapshot
 
 WMT22 = SHARED_DATA / "alma" / "outputs" / "wmt22_outputs"
 pytestmark = needs_shared_data(WMT22)
@@ -464,8 +463,7 @@ def test_the_dataset_resolves_by_id_and_revision_from_the_hub_cache_offline(tmp_
     v2 = rewrite(write_dataset(data / "v2", {"de-en": preference_rows()}), 1, de="Die Ware war billig.")
     files["de-en/train-00000-of-00001.parquet"] = (v2 / "de-en" / "train-00000-of-00001.parquet").read_bytes()
     commit_v2 = put_snapshot(hf_home, repo, files, revision="v2", repo_type="dataset")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    env = hub_env(hf_home)
     done = subprocess.run(
         [sys.executable, "-c", OFFLINE_SCRIPT, json.dumps(source(repo)), str(tmp_path / "runs")],
         cwd=REPO,

@@ -11,7 +11,6 @@ the paper's metrics with their ids. What it cannot prove: anything about the rea
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from alma_r.config import parse_overrides
 from tests.conftest import REPO
+from tests.hub_cache import hub_env
 
 CONFIG = REPO / "configs/alma-13b-r.yaml"
 
@@ -54,18 +54,15 @@ OVERRIDES = [
 
 
 def offline_env(hf_home: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "HF_"))}
-    env.update(
-        HF_HOME=str(hf_home),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
+    return hub_env(
+        hf_home,
+        drop=("PREFECT_",),
         TRANSFORMERS_OFFLINE="1",
         DO_NOT_TRACK="1",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         OMP_NUM_THREADS="1",
         **extra,
     )
-    return env
 
 
 def test_the_rehearsal_changes_sizes_only():

@@ -7,7 +7,6 @@ a process finds it all through HF_HOME alone. Also the prepare_model stage's use
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from alma_r.models.weights import (
     weights_fingerprint,
 )
 from alma_r.tasks.shared.base_model import prepare_base_model
-from tests.hub_cache import folder_files, put_snapshot
+from tests.hub_cache import folder_files, hub_env, put_snapshot
 
 MODEL, ADAPTER = "org/tiny-bin", "org/tiny-lora-bin"
 SHARDS = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
@@ -221,8 +220,7 @@ def test_offline_a_process_resolves_from_hf_home_alone(hub):
         f"main = resolve_weights({MODEL!r}, allow_pickle=True)\n"
         "print(json.dumps([pr.record(), main.record(), weights_fingerprint(str(pr.path))]))\n"
     )
-    env = {**os.environ, "HF_HOME": str(hub.home), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
+    env = hub_env(hub.home)
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )

@@ -75,6 +75,31 @@ def test_every_stage_completes_then_is_reused(finished_run):
     assert first["stages"]["judge"]["counts"] == {"skipped": True}
 
 
+def test_lora_training_runs_in_the_flow_and_wise_ft_interpolates_its_merged_model(prefect_harness, tmp_path):
+    """train.finetune=lora: the train stage writes a PEFT adapter and the merged model; WiSE-FT and evaluation
+    take the merged one (alpha 0 is it, bit for bit); the MLE model's weights are not what CPO returns."""
+    from alma_r.flows.sequence_cpo import sequence_cpo
+
+    torch.set_num_threads(1)
+    lora = ["train.finetune=lora", "train.lora.target_modules=[q_proj,down_proj]", "train.learning_rate=1e-2"]
+    overrides = [*MINI, f"run.root={tmp_path / 'runs'}", "run.name=dolly-lora", *lora]
+    run_dir = Path(sequence_cpo(config_path=str(CONFIG), overrides=overrides))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed"
+    train = record["stages"]["train"]["outputs"]
+    assert Path(train["adapter"], "adapter_model.safetensors").is_file()
+    assert Path(train["model"]) == run_dir / "train" / "merged"
+    summary = json.loads((run_dir / "train" / "train_summary.json").read_text())
+    assert summary["finetune"] == "lora" and summary["trainable_parameters"] < 0.2 * sum(
+        t.numel() for t in load_file(Path(train["model"]) / "model.safetensors").values()
+    )
+    merged = load_file(Path(train["model"]) / "model.safetensors")
+    zero = load_file(Path(record["stages"]["wise_ft"]["outputs"]["alpha-0.00"]) / "model.safetensors")
+    mle = load_file(Path(record["stages"]["mle"]["outputs"]["model"]) / "model.safetensors")
+    assert all(same_bits(zero[n], merged[n]) for n in merged)
+    assert any(not mle[n].equal(merged[n]) for n in mle)  # the adapter trained and was merged in
+
+
 def report_rows(report: str) -> dict[str, list[str]]:
     rows = {}
     for line in report.splitlines():

@@ -9,12 +9,12 @@ Optimization", anonymous ACL submission, section 5, "Training details") where it
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alma_r.models.result_fields import NOT_A_RESULT
-from alma_r.models.train.settings import TrainSettings
+from alma_r.models.result_fields import NOT_A_RESULT, result_dump
+from alma_r.models.train.settings import LoraSettings, TrainSettings
 
 # The kinds of synthetic negatives (section 4.2), in the column order draw_negatives returns them.
 KINDS = ("bn", "mn", "tn", "an")
@@ -36,6 +36,12 @@ class NegativeMix(_Settings):
     meanfield: int = Field(5, ge=0, description="MN: a share of positions resampled from the MLE model.")
     truncation: int = Field(3, ge=0, description="TN: a strict prefix of the response, then EOS.")
     autoregressive: int = Field(0, ge=0, description="AN per example, drawn from the generated samples.")
+    mn_source: Literal["policy", "reference"] = Field(
+        "policy",
+        description="MN: whose next-token distribution the resampled positions come from: policy = the model "
+        "being trained, at the step the negatives are drawn (the paper's pi_theta); reference = the starting "
+        "(MLE) model, the same negatives whatever the policy has learnt.",
+    )
     meanfield_share: float = Field(
         0.25,
         gt=0,
@@ -88,9 +94,25 @@ class SequenceCPOHyperparameters(_Settings):
     max_prompt_length: int = Field(256, ge=8)
     max_length: int = Field(512, ge=16)
     logging_steps: int = Field(10, ge=1, json_schema_extra=NOT_A_RESULT)
+    finetune: Literal["lora", "full"] = Field(
+        "full",
+        description="full: train every weight (the paper); lora: train a new LoRA adapter (train.lora), the "
+        "reference being the same model with the adapter switched off.",
+    )
+    # The CPO engine's fields (type, default, bounds, description): the same recipe code reads them.
+    lora: LoraSettings = TrainSettings.model_fields["lora"]
+    disable_dropout: bool = TrainSettings.model_fields["disable_dropout"]
+    gradient_checkpointing: bool = TrainSettings.model_fields["gradient_checkpointing"]
+    mixed_precision: Literal["no", "bf16"] = TrainSettings.model_fields["mixed_precision"]
+    save_steps: int = TrainSettings.model_fields["save_steps"]
 
     @model_validator(mode="after")
     def _consistent(self) -> SequenceCPOHyperparameters:
+        if self.disable_dropout and self.finetune == "lora" and self.lora.dropout > 0:
+            raise ValueError(
+                f"lora.dropout {self.lora.dropout} with disable_dropout on: every dropout is set to 0 before "
+                "training; turn disable_dropout off to train with it, or set lora.dropout to 0"
+            )
         if self.embedding_model is not None and self.loss != "plackett_luce":
             raise ValueError(
                 f"embedding_model ({self.embedding_model}) ranks negatives for loss plackett_luce only; "
@@ -120,6 +142,25 @@ class SequenceCPOSettings(SequenceCPOHyperparameters):
     negatives: NegativeMix = Field(default_factory=NegativeMix)
     # The CPO recipe's field (default, bound, description): the same log-probability code reads it.
     logits_chunk_size: int = TrainSettings.model_fields["logits_chunk_size"]
+
+    # What the CPO engine's recipe (models/train/recipe.py), which SequenceCPORecipe extends, reads beside the
+    # fields: the sequence recipe micro-batches within a step itself, and packs no chosen/rejected prompt.
+    loss_type: ClassVar[str] = "sequence_cpo"
+    gradient_accumulation_steps: ClassVar[int] = 1
+    shared_prompt: ClassVar[bool] = False
+
+    @property
+    def save_merged(self) -> bool:
+        """LoRA: the merged model is written too (WiSE-FT interpolates and evaluation loads whole models)."""
+        return self.finetune == "lora"
+
+    def new_lora(self, continues_adapter: bool = False) -> LoraSettings | None:
+        return self.lora if self.finetune == "lora" else None
+
+    def identity(self, **context) -> dict:
+        """The settings that change the maths of training, plus `context` (seed, dtype, trust_remote_code), as
+        TrainSettings.identity: the checkpoint fingerprint's settings."""
+        return result_dump(self) | context
 
     @model_validator(mode="after")
     def _batch_negatives(self) -> SequenceCPOSettings:

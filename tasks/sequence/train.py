@@ -1,6 +1,10 @@
 """The train stage of the sequence-cpo flow: sequence-level CPO from the MLE model, the ground truth against K-1
 synthetic negatives ("Sequence-level Large Language Model Training with Contrastive Preference Optimization",
-anonymous ACL submission, section 4: best-of-K eq. 7, Plackett-Luce eq. 8; negatives of section 4.2)."""
+anonymous ACL submission, section 4: best-of-K eq. 7, Plackett-Luce eq. 8; negatives of section 4.2).
+
+Resumable as the build-alma-r train stage: killed, it continues from its last checkpoint (train.save_steps).
+With `train.finetune: lora` it writes the adapter (`adapter`) and the merged model (`model`, what WiSE-FT
+interpolates and evaluation loads)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from alma_r.models.sequence.negatives import read_autoregressive_samples
 from alma_r.models.sequence.settings import SequenceCPOSettings
 from alma_r.models.sequence.trainer import SequenceCPORecipe
 from alma_r.tasks.runtime.prefect_stage import stage_task
-from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.runtime.stage import StageKey, StageResult, code_version, run_stage, stage_key
 from alma_r.tasks.sequence.shared import split_rows
 from alma_r.tasks.shared.training import run_wide_settings
 
@@ -39,21 +43,32 @@ def run_train(
     an = None
     if cfg.negatives.autoregressive:
         an = read_autoregressive_samples([Path(p) for p in samples.outputs.values()])
+    settings = sequence_settings(cfg)
     recipe = SequenceCPORecipe(
-        sequence_settings(cfg), mle.outputs["model"], examples, out_dir, an, **run_wide_settings(cfg)
+        settings,
+        mle.outputs["model"],
+        examples,
+        out_dir,
+        an,
+        **run_wide_settings(cfg),
+        start_over_hint="rerun with `--force train` to set the checkpoints aside and start over",
+        code_version=f"sequence train stage code {code_version(__name__)}",
     )
-    model_dir = recipe.setup().train().save(out_dir / "model")
+    recipe.setup().train()
+    outputs = {"metrics": out_dir / "metrics.jsonl", "summary": out_dir / "train_summary.json"}
+    if settings.finetune == "lora":
+        outputs["adapter"] = recipe.save(out_dir / "adapter")
+        outputs["model"] = out_dir / "merged"  # CPORecipe.save writes it beside the adapter
+    else:
+        outputs["model"] = recipe.save(out_dir / "model")
     summary = recipe.summary()
-    return {
-        "model": model_dir,
-        "metrics": out_dir / "metrics.jsonl",
-        "summary": out_dir / "train_summary.json",
-    }, {
+    return outputs, {
         "steps": summary["steps"],
         "examples": summary["examples"],
         "skipped_too_long": summary["skipped_too_long"],
         "sequences_per_example": summary["sequences_per_example"],
         "reference_forward_passes": summary["reference_forward_passes"],
+        "resumed_from": summary["resumed_from"],
     }
 
 
@@ -77,6 +92,7 @@ def train_stage(
     return run_stage(
         train_key(cfg, run_dir, instructions, mle, samples),
         lambda out: run_train(cfg, instructions, mle, samples, out),
+        resumable=True,
     )
 
 

@@ -40,7 +40,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from cpo_vs_trl_report import QUIET, report  # beside this script: its folder is first on sys.path
+# beside this script: its folder is first on sys.path
+from cpo_vs_trl_report import QUIET, report
+from flops import DecoderShape, step_flops
+from measure import machine_busy_seconds, matmul_peak, measure, stamp
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "runs" / "benchmarks" / "cache"
@@ -149,35 +152,23 @@ def lora_config(args) -> dict:
     return {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": args.lora_targets.split(",")}
 
 
+def flops_per_step(model_path: Path, examples: list[dict], order: list[list[int]], args) -> list[int]:
+    """Model FLOPs of each step (benchmarks/flops.py): both sequences of every pair, prompt included, at their
+    real lengths, as the plain layout computes them; the same count for both engines, so MFU compares them as
+    pairs/s does (our shared-prompt layout encodes each prompt once: fewer FLOPs than counted)."""
+    from transformers import AutoConfig
+
+    shape = DecoderShape.of(AutoConfig.from_pretrained(model_path))
+    rank, targets = (None, ()) if args.finetune == "full" else (16, tuple(args.lora_targets.split(",")))
+    out = []
+    for idx in order:
+        lengths = [len(examples[i][f"{s}_prompt_ids"]) + len(examples[i][f"{s}_ids"]) for i in idx
+                   for s in ("chosen", "rejected")]  # fmt: skip
+        out.append(step_flops(shape, lengths, rank, targets))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- measuring
-
-
-def proc_status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds spent busy by the whole machine since boot (all processes, all cores), from /proc/stat."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def stamp() -> tuple[float, float, float]:
-    """(wall clock, machine busy CPU seconds, this process's CPU seconds), taken at the end of each step."""
-    return time.perf_counter(), machine_busy_seconds(), time.process_time()
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so that the next read is the peak of what follows."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def token_counts(model_path: Path, pairs: list[dict], order: list[list[int]]) -> dict:
@@ -210,6 +201,7 @@ def run_ours(args, model_path: Path, pairs: list[dict], work: Path) -> dict:
         tokenization="trl", shared_prompt=True, lora=lora_config(args), save_steps=10**9, logging_steps=1,
         max_prompt_length=MAX_PROMPT_LENGTH, max_length=MAX_LENGTH,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision="bf16" if bf16 else "no",
+        finetune=args.finetune,
     )  # fmt: skip
     recipe = CPORecipe(settings, str(model_path), pairs, work / "ours", seed=0, dtype=args.dtype).setup()
     assert len(recipe.examples) == len(pairs), recipe.skipped
@@ -274,7 +266,7 @@ def run_trl(args, model_path: Path, pairs: list[dict], order: list[list[int]], w
     )
     trainer = InOurOrder(
         model=model, args=config, train_dataset=ds, processing_class=load_tokenizer(str(model_path)),
-        peft_config=peft_config, callbacks=[Stamp()],
+        peft_config=peft_config if args.finetune == "lora" else None, callbacks=[Stamp()],
     )  # fmt: skip
     # The token streams must be identical to ours, pair by pair, or the comparison means nothing.
     ours = token_counts(model_path, laid_out, [])["examples"]
@@ -289,57 +281,6 @@ def run_trl(args, model_path: Path, pairs: list[dict], order: list[list[int]], w
     ]
     result["device"] = str(trainer.args.device)
     return result
-
-
-def measure(args, model, train, ends: list[tuple]) -> dict:
-    import resource
-
-    import torch
-
-    cuda = args.device == "cuda"
-    # LoRA A is random (B is zero): equal sums mean both engines start from the same adapter.
-    lora_a_checksum = float(
-        sum(p.detach().float().sum() for n, p in model.named_parameters() if "lora_A" in n)
-    )
-    setup_peak_kb, rss_before_kb = proc_status_kb("VmHWM"), proc_status_kb("VmRSS")
-    reset = reset_peak_rss()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    cpu0, busy0 = resource.getrusage(resource.RUSAGE_SELF), machine_busy_seconds()
-    t0 = time.perf_counter()
-    train()
-    if cuda:
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    cpu1, busy1 = resource.getrusage(resource.RUSAGE_SELF), machine_busy_seconds()
-    own_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
-    train_peak_kb = proc_status_kb("VmHWM")
-    steady = ends[-1][0] - ends[0][0] if len(ends) > 1 else float("nan")
-    # Steps 2..N: wall seconds, and CPU s/s that other processes took meanwhile (0 on a quiet machine).
-    intervals = list(zip(ends, ends[1:], strict=False))
-    step_seconds = [b[0] - a[0] for a, b in intervals]
-    step_other = [max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0]) for a, b in intervals]
-    return {
-        "train_seconds": wall,
-        "steady_seconds": steady,
-        "step_ends": [e[0] - t0 for e in ends],
-        "step_seconds": step_seconds,
-        "step_other_cpu": step_other,
-        "pairs_per_second": (len(ends) - 1) * args.batch_size / steady,
-        "pairs_per_second_incl_first": len(ends) * args.batch_size / wall,
-        "peak_rss_gb": max(setup_peak_kb, train_peak_kb) / 2**20,
-        "train_peak_rss_gb": train_peak_kb / 2**20 if reset else None,
-        "rss_before_train_gb": rss_before_kb / 2**20,
-        "peak_cuda_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "lora_a_checksum": lora_a_checksum,
-        # CPU seconds per wall second in train(): about the thread count when nothing else competes for the cores
-        "cpu_utilisation": own_cpu / wall,
-        # CPU seconds per wall second that other processes took during train(): ~0 on a quiet machine
-        "other_cpu": max(0.0, (busy1 - busy0) - own_cpu) / wall,
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -385,10 +326,8 @@ def child(args) -> dict:
         real_tokens_per_step=sum(counts["real"]) / len(order),
         padded_tokens_per_step=sum(counts[f"padded_{args.engine}"]) / len(order),
         tokens_per_second=steady_real / result["steady_seconds"],
+        flops_per_step=flops_per_step(model_path, counts["examples"], order, args),
     )
-    if args.peak_tflops:  # 6 * non-embedding params (lm_head included) * real tokens/s, the usual convention
-        n = meta["params"] - meta["embedding_params"]
-        result["mfu"] = 6 * n * result["tokens_per_second"] / (args.peak_tflops * 1e12)
     return result
 
 
@@ -411,7 +350,7 @@ def spawn(args, engine: str, out: Path, pairs_file: Path) -> dict:
         "dtype",
         "model_size",
         "lora_targets",
-        "peak_tflops",
+        "finetune",
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -447,6 +386,8 @@ def main():
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: base weights in bf16 and bf16 autocast, in both engines")  # fmt: skip
     p.add_argument("--model-size", choices=tuple(SIZES), default="small")
+    p.add_argument("--finetune", choices=("lora", "full"), default="lora",
+                   help="lora: a new adapter in both engines (TRL through peft_config); full: every weight")  # fmt: skip
     p.add_argument("--lora-targets", default="down_proj", help="comma-separated; ALMA-R's choice by default")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
@@ -455,7 +396,10 @@ def main():
     p.add_argument(
         "--wait-quiet", type=float, default=0, help="seconds of idle machine to wait for before each run"
     )
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak (dense, this dtype) for MFU")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None,
+        help="also give MFU against this datasheet peak (dense, this dtype); the measured peak is always given",
+    )  # fmt: skip
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -485,6 +429,9 @@ def main():
 
     t0 = time.perf_counter()
     model_path, pairs, _, meta = prepare(args)  # built once here, so that neither child pays for it
+    # The denominator of MFU, measured now, on this machine, for this dtype and the children's thread count.
+    peak = matmul_peak(args.dtype, args.device)
+    log(f"matmul peak ({args.dtype}, 2048 x 2048, {args.device}): {peak / 1e9:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory(prefix="cpo-bench-") as tmp:
         pairs_file = Path(tmp) / "pairs.json"
         pairs_file.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
@@ -492,7 +439,7 @@ def main():
         for k in range(args.repeats):  # alternate, so that a slow spell on the machine hits both engines
             for engine in runs:
                 runs[engine].append(spawn(args, engine, Path(tmp) / f"{engine}-{k}.json", pairs_file))
-    print(report(args, SIZES[args.model_size], runs["ours"], runs["trl"], meta, len(pairs)))
+    print(report(args, SIZES[args.model_size], runs["ours"], runs["trl"], meta, len(pairs), peak))
     print(f"\n(total benchmark wall time {time.perf_counter() - t0:.0f}s)")
 
 

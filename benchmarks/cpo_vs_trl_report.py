@@ -50,6 +50,19 @@ def summarise(runs: list[dict], batch_size: int) -> dict:
     }
 
 
+def memory_floor_gb(params: int, trainable: int, dtype: str, lora: bool) -> dict[str, float]:
+    """What training must hold whatever the engine: the base weights in the run's dtype (plus the LoRA weights,
+    float32 in both engines), a gradient and AdamW's two moments per trainable parameter (float32)."""
+    base = params * (2 if dtype == "bfloat16" else 4)
+    out = {
+        "weights": base + (trainable * 4 if lora else 0),
+        "gradients": trainable * 4,
+        "optimizer": trainable * 8,
+    }
+    out = {k: v / 2**30 for k, v in out.items()}
+    return out | {"total": sum(out.values())}
+
+
 def report(
     args, size: dict, ours_runs: list[dict], trl_runs: list[dict], meta: dict, n_pairs: int, peak: float
 ) -> str:
@@ -101,8 +114,12 @@ def report(
         extra.append(f"train() peak RSS x{ours['train_peak_rss_gb'] / trl['train_peak_rss_gb']:.2f}")
     if cuda:
         extra.append(f"peak CUDA x{ours['peak_cuda_gb'] / trl['peak_cuda_gb']:.2f}")
+    floor = memory_floor_gb(meta["params"], ours["trainable"], args.dtype, args.finetune == "lora")
     lines += [
         "",
+        f"memory floor (weights {floor['weights']:.2f} + gradients {floor['gradients']:.2f} + AdamW state "
+        f"{floor['optimizer']:.2f} GB = {floor['total']:.2f} GB, activations not included): peak RSS above it "
+        f"ours {ours['peak_rss_gb'] - floor['total']:.2f} GB, TRL {trl['peak_rss_gb'] - floor['total']:.2f} GB",
         f"ours/TRL: pairs/s x{speed:.2f} (target >= {want_speed}: {'met' if speed >= want_speed else 'NOT met'}), "
         f"peak RSS x{mem:.2f} (target <= {want_mem}: {'met' if mem <= want_mem else 'NOT met'})"
         + "".join(f", {e}" for e in extra),

@@ -47,3 +47,13 @@ def test_the_table_gives_mfu_against_the_measured_peak_and_the_modes_targets(fin
 
 def test_the_measured_matmul_peak_is_a_positive_rate():
     assert matmul_peak("float32", size=256, repeats=2) > 1e6
+
+
+def test_the_memory_floor_counts_weights_gradients_and_adamw_state():
+    from benchmarks.cpo_vs_trl_report import memory_floor_gb
+
+    gib = 2**30
+    full = memory_floor_gb(gib, gib, "float32", lora=False)  # 4 + 4 + 8 bytes a parameter
+    assert (full["weights"], full["gradients"], full["optimizer"], full["total"]) == (4, 4, 8, 16)
+    lora = memory_floor_gb(gib, gib // 4, "bfloat16", lora=True)  # bf16 base + float32 adapter
+    assert lora["weights"] == 2 + 1 and lora["total"] == 3 + 1 + 2

@@ -25,6 +25,7 @@ from alma_r.cli.orchestration import add_orchestration_parsers
 from alma_r.cli.published import add_published_parser
 from alma_r.cli.run import add_run_parsers
 from alma_r.cli.sequence_cpo import add_sequence_cpo_parser
+from alma_r.cli.sequence_cpo_converged import add_sequence_cpo_converged_parser
 from alma_r.cli.sequence_run import add_sequence_run_parser
 from alma_r.cli.train import add_train_parser
 from alma_r.tasks.runtime.failures import exit_code_help
@@ -36,6 +37,7 @@ COMMANDS = (
     add_evaluate_parser,
     add_learning_check_parser,
     add_sequence_cpo_parser,
+    add_sequence_cpo_converged_parser,
     add_sequence_run_parser,
     add_judge_parser,
     add_orchestration_parsers,

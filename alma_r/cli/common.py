@@ -47,3 +47,18 @@ def add_command(sub, name: str, summary: str, doc: str, handler) -> argparse.Arg
     )
     parser.set_defaults(handler=handler)
     return parser
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser, cache_dir: str, steps_default: str) -> None:
+    """The flags of a measured experiment that writes a doc section (`alma-r sequence-cpo`,
+    `alma-r sequence-cpo-converged`): --steps, --write-doc, --cache-dir, --work-dir."""
+    parser.add_argument(
+        "--steps", type=int, help=f"continuation steps of every row (default: {steps_default})"
+    )
+    parser.add_argument("--write-doc", action="store_true", help="write its section of docs/sequence-cpo.md")
+    parser.add_argument(
+        "--cache-dir",
+        default=cache_dir,
+        help="where the larger scoring model is kept between runs (default: %(default)s)",
+    )
+    parser.add_argument("--work-dir", help="keep the models and logs here (default: a temporary folder)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from alma_r.cli.common import add_command
+from alma_r.cli.common import add_command, add_experiment_arguments
 
 # The names of sequence_cpo_check.RUNS and DEFAULT_ROWS, written out so that `alma-r --help` does not import
 # torch (tests/test_sequence_cpo_check.py checks that they agree).
@@ -32,14 +32,7 @@ def add_sequence_cpo_parser(sub) -> argparse.ArgumentParser:
         default=",".join(DEFAULT_ROWS),
         help=f"comma-separated rows among {', '.join(ROW_NAMES)} (default: %(default)s)",
     )
-    p.add_argument("--steps", type=int, help="continuation steps of every row (default: CheckSizes.steps)")
-    p.add_argument("--write-doc", action="store_true", help="write the table to docs/sequence-cpo.md")
-    p.add_argument(
-        "--cache-dir",
-        default="runs/_cache/sequence-cpo",
-        help="where the larger scoring model is kept between runs (default: %(default)s)",
-    )
-    p.add_argument("--work-dir", help="keep the models and logs here (default: a temporary folder)")
+    add_experiment_arguments(p, "runs/_cache/sequence-cpo", "CheckSizes.steps")
     return p
 
 

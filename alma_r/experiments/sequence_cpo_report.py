@@ -70,7 +70,10 @@ def table(results: list[SeedResult]) -> str:
 
 
 def parse_table(text: str) -> dict[str, dict[str, float]]:
-    """The results table of a doc written by render_section, read back: label -> column label -> mean."""
+    """The results table of a doc written by render_section, read back: label -> column label -> mean. Only the
+    section between this check's markers is read (the page holds other tables before it)."""
+    if START in text:
+        text = text.split(START, 1)[1].split(END, 1)[0]
     out, header = {}, None
     for line in text.splitlines():
         if header is None:

@@ -117,6 +117,9 @@ PAIRS = pa.schema(
         _field("chosen_score", pa.float64()),
         _field("rejected_score", pa.float64(), required=False),  # null when the rejected side is synthetic
         _field("margin", pa.float64(), required=False),
+        # The pair's share of its source (1 / the source's pairs; 1 for ALMA-R's one pair): the trainer weighs
+        # the pair's loss by it, TRL ignores the column. Absent in older files: 1.
+        _field("weight", pa.float64(), required=False),
     ]
 )
 

@@ -1,5 +1,7 @@
 """Stage 6, evaluate: translate the test sets with the baseline and the CPO model, score them with sacreBLEU
-(BLEU, chrF, with signatures) -> eval.parquet, hypotheses.parquet."""
+(BLEU, chrF, with signatures) and the configured COMET metrics -> eval.parquet, hypotheses.parquet. With
+evaluate.decoding qe_rerank or mbr, the CPO model's beam candidates are also reranked (systems cpo+qe_rerank,
+cpo+mbr: tasks/shared/quality_decoding.py)."""
 
 from __future__ import annotations
 
@@ -12,22 +14,24 @@ from alma_r.data.readers import IngestError, read_lines
 from alma_r.data.schemas import EVAL_RESULTS, HYPOTHESES, SCORES, SEGMENTS
 from alma_r.models import progress
 from alma_r.models.evaluate.significance import sacrebleu_paired_bs, segment_paired_bs
-from alma_r.models.generate.hf_backend import Decoding, generate_translations
+from alma_r.models.generate.hf_backend import Decoding, generate_n_best, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer, pick_device
 from alma_r.models.prompts import make_prompt
 from alma_r.models.score.cache import ScoreCache
 from alma_r.models.score.scorers import corpus_score, sentence_scores
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
+from alma_r.tasks.shared.quality_decoding import rerank
 from alma_r.tasks.shared.scoring import cache_path_for, make_scorer, resolved_records, score_items
 
 METRICS = ("bleu", "chrf")
 
 
 def translate_test_sets(
-    cfg: RunConfig, tests: list[dict], model_path: str, adapter: str | None, name: str
-) -> tuple[list[str], int]:
-    """Hypotheses in `tests` order; a prompt over its direction's limit gets an empty hypothesis and is counted."""
+    cfg: RunConfig, tests: list[dict], model_path: str, adapter: str | None, name: str, n_best: int = 0
+) -> tuple[list[str], int, list[list[str] | None]]:
+    """Hypotheses in `tests` order; a prompt over its direction's limit gets an empty hypothesis and is counted.
+    With `n_best`, also each prompt's n best beams (quality-aware decoding's candidates; None over the limit)."""
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     model = load_model(
         model_path,
@@ -39,6 +43,7 @@ def translate_test_sets(
     e = cfg.evaluate
     decoding = Decoding(num_beams=e.num_beams, max_new_tokens=e.max_new_tokens)
     hyps: list[str | None] = [None] * len(tests)
+    candidates: list[list[str] | None] = [None] * len(tests)
     by_lp: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(tests):
         by_lp[r["lp"]].append(i)
@@ -57,7 +62,21 @@ def translate_test_sets(
         )
         for i, out in zip(idx, outs, strict=True):
             hyps[i] = out
-    return [h if h is not None else "" for h in hyps], sum(h is None for h in hyps)
+        if n_best:
+            n_outs = generate_n_best(
+                model,
+                tokenizer,
+                prompts,
+                decoding,
+                n_best,
+                e.batch_size,
+                limit,
+                cfg.run.seed,
+                desc=f"evaluate {name} {lp} candidates",
+            )
+            for i, out in zip(idx, n_outs, strict=True):
+                candidates[i] = out
+    return [h if h is not None else "" for h in hyps], sum(h is None for h in hyps), candidates
 
 
 def imported_hypotheses(cfg: RunConfig, tests: list[dict]) -> dict[str, list[str | None]]:
@@ -190,14 +209,23 @@ def run_evaluate(
         raise ValueError("no test segments: add a source with split: test to ingest.sources")
     systems: dict[str, list[str | None]] = {}
     counts = {"test_segments": len(tests)}
+    e, cache = cfg.evaluate, ScoreCache(cache_path_for(cfg))
     for name, model, adapter in (("baseline", model_path, base_adapter), ("cpo", cpo_model, cpo_adapter)):
-        systems[name], too_long = translate_test_sets(cfg, tests, model, adapter, name)
+        n_best = e.candidates if name == "cpo" and e.decoding != "beam" else 0
+        systems[name], too_long, candidates = translate_test_sets(cfg, tests, model, adapter, name, n_best)
         counts[f"{name}/prompt_too_long"] = too_long
+    # Quality-aware decoding of the CPO model's candidates: mbr reports the QE-reranked row beside its own.
+    modes = {"beam": [], "qe_rerank": ["qe_rerank"], "mbr": ["qe_rerank", "mbr"]}[e.decoding]
+    for mode in modes:
+        metric = e.qe_metric if mode == "qe_rerank" else e.mbr_utility
+        chosen = rerank(
+            tests, candidates, mode, lambda lang, m=metric: make_scorer(cfg, m, lang), metric, cache, counts
+        )
+        systems[f"cpo+{mode}"] = [c if c is not None else "" for c in chosen]
     systems.update(imported_hypotheses(cfg, tests))
-    cache = ScoreCache(cache_path_for(cfg))
-    comet = {m: (make_scorer(cfg, m, ""), cache) for m in cfg.evaluate.metrics if m not in METRICS}
+    comet = {m: (make_scorer(cfg, m, ""), cache) for m in e.metrics if m not in METRICS}
     results, hyp_rows, segment_rows = score_systems(tests, systems, comet, cfg.evaluate.bootstrap_samples)
-    results = [r for r in results if r["metric"] in cfg.evaluate.metrics]
+    results = [r for r in results if r["metric"] in e.metrics]
     outputs = {
         "eval": write_table(results, out_dir / "eval.parquet", EVAL_RESULTS),
         "hypotheses": write_table(hyp_rows, out_dir / "hypotheses.parquet", HYPOTHESES),

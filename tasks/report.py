@@ -24,12 +24,15 @@ from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_k
 from alma_r.tasks.shared.markdown_html import markdown_to_html
 from alma_r.tasks.shared.report_sections import (
     SIGNIFICANT,
+    decoding_section,
     headline_section,
     markdown_table,
+    metric_split_section,
     plot_results,
     preference_section,
     results_section,
     scoring_section,
+    selection_only_gains,
     training_section,
 )
 
@@ -137,6 +140,11 @@ def run_warnings(
     return out
 
 
+def selection_metrics(cfg: RunConfig) -> list[str]:
+    """The metrics whose mean chose the training pairs (select.metrics, by default every score metric)."""
+    return cfg.select.metrics or cfg.score.metrics
+
+
 def model_names(cfg: RunConfig, by_name: dict[str, StageResult]) -> tuple[str, str | None]:
     """Base model and adapter as the run used them: a Hub id with its revision and the commit prepare_model
     resolved it to (a branch moves: the commit says which weights these results are of), a folder as named."""
@@ -186,6 +194,11 @@ def first_screen(
         f"- {stages_line(stages)}",
     ]
     warnings = run_warnings(cfg, by_name, stats, hypotheses)
+    warnings += [
+        f"report: {test_set} {lp}: the metrics that selected the training pairs improve significantly, the "
+        "held-out metrics do not (possible metric over-fitting: Selection metrics vs held-out metrics)."
+        for test_set, lp in selection_only_gains(results, selection_metrics(cfg))
+    ]
     parts = [
         f"# alma-r report: {cfg.run.name}",
         SMOKE_TEST if cfg.model.base == "tiny" else "",
@@ -248,6 +261,9 @@ def render_report(
         first_screen(cfg, run_dir, stages, plots, base),
         "## Results",
         results_section(results),
+        "## Selection metrics vs held-out metrics",
+        metric_split_section(results, selection_metrics(cfg)),
+        decoding_section(results),
         ("Prompts over the length limit (empty hypothesis, counted, never cut): " + json.dumps(too_long))
         if too_long
         else "No test prompt exceeded the length limit.",
@@ -335,7 +351,8 @@ def run_report(cfg: RunConfig, run_dir: Path, stages: list[StageResult], out_dir
 
 
 def report_key(cfg: RunConfig, run_dir: Path, stages: list[StageResult]) -> StageKey:
-    sections = cfg.section_hash("model", "train", "evaluate", "ingest")
+    # select and score: which metrics selected the pairs decides the report's selection / held-out split.
+    sections = cfg.section_hash("model", "train", "evaluate", "ingest", "select", "score")
     key = stage_key("report", sections, stages, extra=[cfg.run.name, cfg.run.seed], module=__name__)
     return StageKey("report", Path(run_dir) / REPORT_DIR, key)
 

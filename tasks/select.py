@@ -5,7 +5,8 @@ selection metrics (z-scored first with select.normalize: zscore); chosen = highe
 to the reference, then to systems in config order (for both sides). A human label that ingest read with the
 data (ALMA-R-Preference's `Delta`: its human_preferences table) decides instead of the scores when both of its
 systems are candidates (select.human_preferences). Every source that yields no pair is recorded with its reason. The paper's "dis-preferred quality
-matters" baseline replaces the rejected side by a noised copy of the chosen one.
+matters" baseline replaces the rejected side by a noised copy of the chosen one. select.pairs keeps more than
+one pair per source (best_vs_all, top_k_bottom_k), each weighted 1/n (the pairs' weight column).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def run_select(
         seed=cfg.run.seed,
         preferences=preferences,
         normalize=s.normalize,
+        pairs_mode=s.pairs,
+        top_k=s.top_k,
     )
     labelled = labelled_segments(pairs, preferences, texts)
     stats = selection_stats(pairs, dropped, labelled)

@@ -72,6 +72,7 @@ def test_chosen_is_the_highest_mean_and_rejected_the_lowest():
             "chosen_score": 70.0,
             "rejected_score": 20.0,
             "margin": 50.0,
+            "weight": 1.0,
         }
     ]
 

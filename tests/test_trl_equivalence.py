@@ -31,9 +31,18 @@ def trl_metrics(model_dir, pairs, loss_type, tmp_path) -> dict[str, float]:
 
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    # Our completions start after a space (ALMA's "English: <translation>"); TRL takes the text as given.
+    # Our completions start after a space (ALMA's "English: <translation>"); TRL takes the text as given. The
+    # pairs Parquet's weight column goes in as it is: TRL ignores it without harm (docs/data-contracts.md).
     data = Dataset.from_list(
-        [{"prompt": p["prompt"], "chosen": " " + p["chosen"], "rejected": " " + p["rejected"]} for p in pairs]
+        [
+            {
+                "prompt": p["prompt"],
+                "chosen": " " + p["chosen"],
+                "rejected": " " + p["rejected"],
+                "weight": p.get("weight", 1.0),
+            }
+            for p in pairs
+        ]
     )
     args = trl_cpo.CPOConfig(
         output_dir=str(tmp_path / "trl"),

@@ -215,6 +215,13 @@ class SelectSection(Section):
         description="worst: the lowest-scored candidate (ALMA-R); noise: the chosen translation with "
         "words deleted and swapped (the paper's 'dis-preferred quality matters' baseline).",
     )
+    pairs: Literal["best_worst", "best_vs_all", "top_k_bottom_k"] = Field(
+        "best_worst",
+        description="best_worst: one pair per source (ALMA-R); best_vs_all: the best against every candidate "
+        "worse by at least min_margin; top_k_bottom_k: each of the top_k best against each of the top_k worst. "
+        "A source's pairs are weighted 1/n in the loss (the pairs' weight column), so it counts once.",
+    )
+    top_k: int = Field(2, ge=1, description="top_k_bottom_k: how many of the best and of the worst.")
     noise_delete: float = Field(0.15, ge=0, lt=1, description="noise: probability of deleting each word.")
     noise_swap: float = Field(0.3, ge=0, lt=1, description="noise: probability of swapping adjacent words.")
     human_preferences: bool = Field(
@@ -230,6 +237,15 @@ class SelectSection(Section):
         "direction, over every scored candidate and reference of that direction (min_margin is then in "
         "standard deviations).",
     )
+
+    @model_validator(mode="after")
+    def _pairs_need_scores(self) -> SelectSection:
+        if self.pairs != "best_worst" and self.rejected == "noise":
+            raise ValueError(
+                f"select.pairs {self.pairs} pairs scored candidates; select.rejected: noise has one "
+                "synthetic rejected side (use select.pairs: best_worst)"
+            )
+        return self
 
 
 # The LoRA settings and the train section are the CPO recipe's own settings (models/train/settings.py): declared
@@ -267,6 +283,25 @@ class EvaluateSection(Section):
     )
     bootstrap_samples: int = Field(1000, ge=0, description="Paired bootstrap resamples vs baseline (0: off).")
     imported: list[ImportedSystem] = Field(default_factory=list)
+    decoding: Literal["beam", "qe_rerank", "mbr"] = Field(
+        "beam",
+        description="beam: the CPO model's beam search (system cpo). qe_rerank: also its `candidates` best beams "
+        "reranked by qe_metric (system cpo+qe_rerank); mbr: those two and minimum-Bayes-risk decoding of the "
+        "same candidates with mbr_utility (cpo+mbr). Every score goes through the score cache.",
+    )
+    candidates: int = Field(
+        8, ge=2, description="qe_rerank/mbr: beam candidates per prompt (num_beams >= this)."
+    )
+    qe_metric: str = Field(
+        "consensus_chrf",
+        description="qe_rerank: a reference-free metric: consensus_chrf (agreement with the other candidates) or "
+        "a score.comet_models entry with reference: false (the paper's: kiwi_xxl).",
+    )
+    mbr_utility: str = Field(
+        "chrf",
+        description="mbr: the utility U(candidate, pseudo-reference): chrf, bleu or a score.comet_models entry "
+        "with reference: true (e.g. comet_22); N x (N - 1) scores per prompt.",
+    )
 
 
 class RunConfig(Section):
@@ -293,6 +328,7 @@ class RunConfig(Section):
                 f"evaluate.metrics {unknown} are neither bleu/chrf nor in score.comet_models "
                 f"({sorted(self.score.comet_models)})"
             )
+        self._check_decoding_metrics()
         if self.sft.enabled and self.model.adapter:
             raise ValueError(
                 f"sft.enabled with model.adapter ({self.model.adapter}): the SFT warm-up trains all "
@@ -308,6 +344,25 @@ class RunConfig(Section):
         self._check_selection_scales()
         self._check_published_metrics()
         return self
+
+    def _check_decoding_metrics(self) -> None:
+        e, comet = self.evaluate, self.score.comet_models
+        if e.decoding == "beam":
+            return
+        if not (
+            e.qe_metric == "consensus_chrf" or (e.qe_metric in comet and not comet[e.qe_metric].reference)
+        ):
+            free = ["consensus_chrf", *(m for m, spec in comet.items() if not spec.reference)]
+            raise ValueError(
+                f"evaluate.qe_metric '{e.qe_metric}' is not a reference-free metric (one of: {', '.join(free)})"
+            )
+        if e.decoding == "mbr" and not (
+            e.mbr_utility in ("chrf", "bleu") or (e.mbr_utility in comet and comet[e.mbr_utility].reference)
+        ):
+            with_ref = ["chrf", "bleu", *(m for m, spec in comet.items() if spec.reference)]
+            raise ValueError(
+                f"evaluate.mbr_utility '{e.mbr_utility}' does not take a reference (one of: {', '.join(with_ref)})"
+            )
 
     def _check_selection_scales(self) -> None:
         """A mean of metrics on different scales is decided by the 0-100 ones alone."""

@@ -7,6 +7,7 @@ A prompt longer than the limit is never cut: it gets no output (None) and the ca
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,13 +55,39 @@ def generate_translations(
 
     `on_batch(indices, translations)` is called after each batch, with the prompts' places in `prompts`: a
     caller can keep them before the next batch (and a crash) comes."""
+    keep = None if on_batch is None else (lambda idx, texts: on_batch(idx, [t[0] for t in texts]))
+    outs = _generate(model, tokenizer, prompts, decoding, batch_size, max_prompt_tokens, seed, desc, keep, 1)
+    return [None if o is None else o[0] for o in outs]
+
+
+def generate_n_best(
+    model,
+    tokenizer,
+    prompts: list[str],
+    decoding: Decoding,
+    n: int,
+    batch_size: int,
+    max_prompt_tokens: int,
+    seed: int = 0,
+    desc: str = "generate candidates",
+) -> list[list[str] | None]:
+    """Beam search's `n` best translations per prompt, best first (None over the limit; num_beams is raised to n
+    when lower): the candidates of quality-aware decoding (QE reranking, MBR). Samples: sample_translations,
+    whose rows do not depend on their batch neighbours."""
+    if decoding.do_sample:
+        raise ValueError("generate_n_best is beam search's n best; sample_translations draws samples")
+    decoding = dataclasses.replace(decoding, num_beams=max(decoding.num_beams, n))
+    return _generate(model, tokenizer, prompts, decoding, batch_size, max_prompt_tokens, seed, desc, None, n)
+
+
+def _generate(model, tokenizer, prompts, decoding, batch_size, max_prompt_tokens, seed, desc, on_batch, n):
     model.eval()
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     todo = [i for i, ids in enumerate(encoded) if len(ids) <= max_prompt_tokens]
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows up at once.
     todo.sort(key=lambda i: -len(encoded[i]))
-    outputs: list[str | None] = [None] * len(prompts)
+    outputs: list[list[str] | None] = [None] * len(prompts)
     torch.manual_seed(seed)
     kwargs = dict(
         max_new_tokens=decoding.max_new_tokens,
@@ -68,6 +95,7 @@ def generate_translations(
         do_sample=decoding.do_sample,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        num_return_sequences=n,
     )
     if decoding.do_sample:
         kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
@@ -79,7 +107,8 @@ def generate_translations(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
         )
         new_tokens = out[:, input_ids.shape[1] :]
-        texts = [postprocess(t) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        flat = [postprocess(t) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        texts = [flat[row * n : (row + 1) * n] for row in range(len(idx))]  # generate's rows: prompt-major
         for i, text in zip(idx, texts, strict=True):
             outputs[i] = text
         if on_batch is not None:

@@ -62,7 +62,8 @@ def tokenize_pairs(
         if max(len(ex[f"{s}_prompt_ids"]) + len(ex[f"{s}_ids"]) for s in ("chosen", "rejected")) > max_length:
             skipped["too_long"] += 1
             continue
-        kept.append(ex)
+        weight = pair.get("weight")  # select.pairs' share of the source; absent or null: 1
+        kept.append(ex | {"weight": 1.0 if weight is None else float(weight)})
     return kept, skipped
 
 

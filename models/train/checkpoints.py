@@ -42,10 +42,13 @@ class CheckpointMismatch(ValueError):
 
 # ------------------------------------------------------------------------------------------------ fingerprint
 def pairs_digest(pairs: list[dict]) -> str:
-    """The text the recipe trains on: prompt, chosen and rejected of every row, in order."""
+    """The text the recipe trains on: prompt, chosen and rejected of every row, in order, and a row's weight
+    where it is not 1 (so that the digest of unweighted pairs is what it was before pairs had weights)."""
     digest = hashlib.sha256()
     for row in pairs:
         fields = [row["prompt"], row["chosen"], row.get("rejected")]
+        if row.get("weight") not in (None, 1.0):
+            fields.append(float(row["weight"]))
         digest.update(json.dumps(fields, ensure_ascii=False).encode() + b"\n")
     return digest.hexdigest()[:16]
 

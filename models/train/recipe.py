@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,6 +34,7 @@ from alma_r.models import progress
 from alma_r.models.loading import add_lora, disable_dropout, load_model, load_tokenizer, model_identity
 from alma_r.models.train import checkpoints
 from alma_r.models.train.batching import collate, tokenize_pairs
+from alma_r.models.train.distributed import is_sharded, make_accelerator
 from alma_r.models.train.logprobs import CompletionLogps
 from alma_r.models.train.losses import preference_loss
 from alma_r.models.train.metrics import (
@@ -111,29 +111,12 @@ class CPORecipe:
         return self
 
     def _setup_distributed(self):
-        from accelerate import Accelerator
-        from accelerate.utils import GradientAccumulationPlugin
-
-        # Mixed precision is ours to apply (bf16 autocast around the decoder, float32 log-softmax): accelerate's
-        # would also come from an environment variable or a config file the user forgot about. The accumulation
-        # plugin is explicit for the same reason (ACCELERATE_GRADIENT_ACCUMULATION_STEPS), and there is no
-        # dataloader whose end should force a sync.
-        accumulation = GradientAccumulationPlugin(
-            num_steps=self.s.gradient_accumulation_steps, sync_with_dataloader=False
-        )
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision="no", gradient_accumulation_plugin=accumulation
-        )
+        self.accelerator = make_accelerator(self.s.gradient_accumulation_steps)
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
-        self.sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
-        asked = [
-            k for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if os.environ.get(k) == "true"
-        ]
-        if asked and self.is_main and not self.sharded:  # accelerate runs DDP instead on CPUs, silently
-            print(f"[train] {asked[0]} is set, but accelerate shards only on GPUs: this run is not sharded")
+        self.sharded = is_sharded(self.accelerator)
         if self.restart:
             if self.is_main:
                 moved = checkpoints.set_aside(self.out_dir)
@@ -188,6 +171,9 @@ class CPORecipe:
         )
         if not self.examples:
             raise ValueError(f"every pair was skipped by the length limits: {self.skipped}")
+        # A pair's share of its source (select.pairs); None when every pair weighs 1, the unweighted maths.
+        weights = [float(ex["weight"]) for ex in self.examples]
+        self.pair_weights = None if all(w == 1.0 for w in weights) else torch.tensor(weights)
         self.pairs_per_step = self.s.batch_size * self.s.gradient_accumulation_steps * self.world
         steps_per_epoch = math.ceil(len(self.examples) / self.pairs_per_step)
         self.total_steps = self.s.max_steps or max(1, math.ceil(self.s.num_epochs * steps_per_epoch))
@@ -338,10 +324,13 @@ class CPORecipe:
             loss_type=self.s.loss_type,
             label_smoothing=self.s.label_smoothing,
             simpo_gamma=self.s.simpo_gamma,
+            arpo_scale=self.s.arpo_scale,
+            arpo_rate=self.s.arpo_rate,
             ref_chosen_logps=ref[:, 0] if ref is not None else None,
             ref_rejected_logps=ref[:, 1] if ref is not None else None,
             pair_normalizer=pair_normalizer,
             token_normalizer=token_normalizer,
+            pair_weights=None if self.pair_weights is None else self.pair_weights[indices].to(logps),
         )
         return out, logps[:n].detach(), rejected.detach()
 
@@ -387,9 +376,9 @@ class CPORecipe:
         """The forward and backward passes of one optimizer step's micro-batches on this process. Returns the
         step's metric totals and its token count, summed over all processes."""
         bs, accum = self.s.batch_size, self.s.gradient_accumulation_steps
-        # Normalise by the whole step (all micro-batches, all processes): the objective is the mean over
-        # the step's pairs and chosen tokens whatever the accumulation or process count.
-        n_tokens_step = sum(len(self.examples[i]["chosen_ids"]) for i in step_idx)
+        # Normalise by the whole step (all micro-batches, all processes): the objective is the (weighted) mean
+        # over the step's pairs and chosen tokens whatever the accumulation or process count.
+        n_pairs_step, n_tokens_step = self._step_normalizers(step_idx)
         local = step_idx[self.rank * bs * accum : (self.rank + 1) * bs * accum]
         totals, tokens = empty_totals(), 0
         for k in range(accum):
@@ -397,7 +386,7 @@ class CPORecipe:
             # accelerate counts the micro-batches: gradients sync (DDP, FSDP) or DeepSpeed steps on the last.
             with self.accelerator.accumulate(self.logps_module):
                 out, logp_c, logp_r = self._loss(
-                    idx, pair_normalizer=len(step_idx), token_normalizer=n_tokens_step
+                    idx, pair_normalizer=n_pairs_step, token_normalizer=n_tokens_step
                 )
                 # DDP averages gradients over processes, and accelerate (or DeepSpeed) divides each
                 # micro-batch's loss by the accumulation steps: the step's loss is the sum of both.
@@ -407,6 +396,14 @@ class CPORecipe:
         totals = self._reduce(totals)
         tokens = int(self._reduce({"t": float(tokens)})["t"])
         return totals, tokens
+
+    def _step_normalizers(self, step_idx: list[int]) -> tuple[float, float]:
+        """The step's pair count and chosen-token count, each pair counted by its weight when pairs carry one."""
+        lengths = [len(self.examples[i]["chosen_ids"]) for i in step_idx]
+        if self.pair_weights is None:
+            return len(step_idx), sum(lengths)
+        w = self.pair_weights[step_idx].tolist()
+        return sum(w), sum(wi * n for wi, n in zip(w, lengths, strict=True))
 
     def _token_count(self, indices: list[int]) -> int:
         """Prompt and completion tokens of the sequences these pairs put through the decoder (for tokens/s)."""

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from alma_r.models.result_fields import NOT_A_RESULT, result_dump
 
 # Declared here rather than beside the losses so that the config can load without importing torch.
-LossType = Literal["sigmoid", "hinge", "ipo", "simpo", "dpo", "sft"]
+LossType = Literal["sigmoid", "hinge", "ipo", "simpo", "dpo", "arpo", "sft"]
 LOSS_TYPES = get_args(LossType)
 
 # Written beside the adapter, so part of the train stage's result, but no part of the training itself: a
@@ -57,7 +57,8 @@ class TrainSettings(BaseModel):
     loss_type: LossType = Field(
         "sigmoid",
         description="sigmoid = CPO (paper); hinge/ipo/simpo as TRL's CPOTrainer; dpo with reference "
-        "log-probs of the starting policy computed once and cached; sft = NLL on chosen only (paper ablation).",
+        "log-probs of the starting policy computed once and cached; arpo = CPO with the rejection scaled by how "
+        "far apart the pair is (X-ALMA); sft = NLL on chosen only (paper ablation).",
     )
     beta: float = Field(0.1, gt=0, description="Scale of the log-probability margin (paper: 0.1).")
     cpo_alpha: float = Field(1.0, ge=0, description="Weight of the NLL term on chosen (paper: 1).")
@@ -67,6 +68,19 @@ class TrainSettings(BaseModel):
     simpo_gamma: float = Field(0.5, description="SimPO target margin (TRL's absolute simpo_gamma).")
     simpo_gamma_beta_ratio: float | None = Field(
         None, description="SimPO paper's gamma/beta ratio; when set, simpo_gamma = ratio * beta."
+    )
+    arpo_scale: float = Field(
+        0.9,
+        gt=0,
+        description="arpo only: tau = min(arpo_scale * exp(arpo_rate * |avg logp_w - avg logp_l|) - 1, 1). "
+        "Default: the X-ALMA repository's relax_cofficient_1 (0.9; the paper's value is not confirmed here); "
+        "arpo_scale 2 with arpo_rate 0 gives tau = 1, which is CPO.",
+    )
+    arpo_rate: float = Field(
+        0.4,
+        ge=0,
+        description="arpo only: the rate of tau's growth with the pair's length-averaged log-prob gap "
+        "(X-ALMA repository's relax_cofficient_2: 0.4).",
     )
     tokenization: Literal["alma", "trl"] = Field(
         "alma",

@@ -208,3 +208,97 @@ def headline_section(results: list[dict]) -> str:
             )
         rows.append(cells)
     return markdown_table(["test set", "direction", *[METRIC_NAMES.get(m, m) for m in metrics]], rows)
+
+
+def _gain(by: dict, test_set: str, lp: str, system: str, metric: str) -> tuple[float, bool] | None:
+    """(score - baseline's, significant improvement) of one cell, None where either is missing."""
+    r, base = by.get((test_set, lp, system, metric)), by.get((test_set, lp, "baseline", metric))
+    if r is None or base is None:
+        return None
+    gain = r["score"] - base["score"]
+    return gain, gain > 0 and significance_mark(r, base) == "†"
+
+
+def split_metrics(results: list[dict], selection: list[str]) -> tuple[list[str], list[str]]:
+    """The evaluated metrics that also chose the training pairs, and the held-out ones (never used to select).
+    A selection metric with no corpus counterpart (consensus_chrf, published:...) is in neither."""
+    evaluated = ordered_metrics(results)
+    return [m for m in evaluated if m in selection], [m for m in evaluated if m not in selection]
+
+
+def selection_only_gains(results: list[dict], selection: list[str]) -> list[tuple[str, str]]:
+    """(test set, direction) where a selection metric improves significantly over the baseline and no held-out
+    metric does: the gain may be the metric's, not the translation's (reward hacking)."""
+    chosen, held_out = split_metrics(results, selection)
+    if not chosen or not held_out:
+        return []
+    by = {(r["test_set"], r["lp"], r["system"], r["metric"]): r for r in results}
+    flagged = []
+    for test_set, lp in sorted({(r["test_set"], r["lp"]) for r in results}):
+        sel = [_gain(by, test_set, lp, "cpo", m) for m in chosen]
+        held = [_gain(by, test_set, lp, "cpo", m) for m in held_out]
+        if any(g and g[1] for g in sel) and not any(g and g[1] for g in held):
+            flagged.append((test_set, lp))
+    return flagged
+
+
+def metric_split_section(results: list[dict], selection: list[str]) -> str:
+    """Baseline -> cpo gains, the metrics that selected the training pairs apart from the held-out ones, with a
+    flag where only the former improve significantly."""
+    chosen, held_out = split_metrics(results, selection)
+    by = {(r["test_set"], r["lp"], r["system"], r["metric"]): r for r in results}
+    flagged = set(selection_only_gains(results, selection))
+
+    def cells(test_set, lp, metrics):
+        out = []
+        for m in metrics:
+            g = _gain(by, test_set, lp, "cpo", m)
+            out.append("–" if g is None else f"{METRIC_NAMES.get(m, m)} {g[0]:+.2f}{'†' if g[1] else ''}")
+        return ", ".join(out) or "none evaluated"
+
+    rows = [
+        [
+            test_set,
+            lp,
+            cells(test_set, lp, chosen),
+            cells(test_set, lp, held_out),
+            "⚠ selection metrics only" if (test_set, lp) in flagged else "",
+        ]
+        for test_set, lp in sorted({(r["test_set"], r["lp"]) for r in results})
+    ]
+    intro = (
+        f"The training pairs were selected by {', '.join(f'`{m}`' for m in selection)}. Gains of `cpo` over "
+        "`baseline`: † significant (paired bootstrap). ⚠ marks a direction where the selection metrics improve "
+        "significantly and no held-out metric does: the gain may be the metric's, not the translation's."
+    )
+    if not held_out:
+        intro += " Every evaluated metric also selected the pairs: no held-out metric (add one to evaluate.metrics)."
+    table = markdown_table(["test set", "direction", "selection metrics", "held-out metrics", ""], rows)
+    return f"{intro}\n\n{table}"
+
+
+DECODINGS = (("beam", "cpo"), ("QE-reranked", "cpo+qe_rerank"), ("MBR", "cpo+mbr"))
+
+
+def decoding_section(results: list[dict]) -> str:
+    """The CPO model decoded with beam search, QE reranking and MBR (evaluate.decoding), per direction and metric;
+    empty when only beam search ran."""
+    present = [(name, system) for name, system in DECODINGS if any(r["system"] == system for r in results)]
+    if len(present) < 2:
+        return ""
+    by = {(r["test_set"], r["lp"], r["system"], r["metric"]): r for r in results}
+    rows = []
+    for test_set, lp in sorted({(r["test_set"], r["lp"]) for r in results}):
+        for metric in ordered_metrics(results):
+            beam = by.get((test_set, lp, "cpo", metric))
+            row = [test_set, lp, METRIC_NAMES.get(metric, metric)]
+            for _, system in present:
+                r = by.get((test_set, lp, system, metric))
+                delta = f" ({r['score'] - beam['score']:+.2f})" if r and beam and system != "cpo" else ""
+                row.append(f"{r['score']:.2f}{delta}" if r else "–")
+            rows.append(row)
+    header = ["test set", "direction", "metric", *[name for name, _ in present]]
+    return (
+        "## Decoding: beam vs QE-reranked vs MBR\n\nThe CPO model's beam output and its beam candidates chosen by "
+        "quality-aware decoding (in parentheses: the difference to beam).\n\n" + markdown_table(header, rows)
+    )

@@ -1,8 +1,11 @@
 """The preference-pair rule of ALMA-R ("Contrastive Preference Optimization: Pushing the Boundaries of LLM
 Performance in Machine Translation", Xu et al., ICML 2024, section 3): per source, chosen = the best-scored
 translation, rejected = the worst (or the chosen one with noise), ties dropped; a human label between two of the
-candidates decides instead of the scores where there is one. Plain functions of rows, shared by the select stage
-(tasks/select.py), the learning check and `alma-r published-pairs`."""
+candidates decides instead of the scores where there is one. Beyond ALMA-R's one pair per source, `pairs_mode`
+keeps more of the scored pool: best_vs_all (the best against every candidate worse by at least min_margin) and
+top_k_bottom_k (each of the k best against each of the k worst); a source's pairs then carry the weight
+1 / (its number of pairs), so that every source counts once in the loss. Plain functions of rows, shared by the
+select stage (tasks/select.py), the learning check and `alma-r published-pairs`."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from alma_r.data.schemas import REFERENCE
 from alma_r.models.prompts import make_prompt
 
 NOISE = "noise"
+PAIRS_MODES = ("best_worst", "best_vs_all", "top_k_bottom_k")
 
 
 def add_noise(text: str, rng: random.Random, p_delete: float = 0.15, p_swap: float = 0.3) -> tuple[str, dict]:
@@ -100,6 +104,8 @@ def select_pairs(
     seed: int = 0,
     preferences: dict[str, tuple[str, str]] | None = None,
     normalize: str = "none",
+    pairs_mode: str = "best_worst",
+    top_k: int = 2,
 ) -> tuple[list[dict], list[dict]]:
     """The selection rule, pure.
 
@@ -111,8 +117,13 @@ def select_pairs(
     systems are candidates of the segment, and its pair is kept whatever the margin.
     rejected: "worst" (ALMA-R) or "noise" (the noised chosen translation); normalize: "none" or "zscore" (the
     metrics are z-scored, `zscores`, before the mean, and margins are in standard deviations).
-    Returns (pairs, dropped).
+    pairs_mode: best_worst (ALMA-R: one pair), best_vs_all or top_k_bottom_k (`top_k`), several pairs weighted
+    1/n (module docstring); a labelled segment keeps its one labelled pair. Returns (pairs, dropped).
     """
+    if pairs_mode not in PAIRS_MODES:
+        raise ValueError(f"pairs_mode must be one of {', '.join(PAIRS_MODES)}, not {pairs_mode!r}")
+    if pairs_mode != "best_worst" and rejected == "noise":
+        raise ValueError(f"pairs_mode {pairs_mode!r} needs scored rejected candidates, not rejected='noise'")
     order = [REFERENCE, *systems]
     pairs, dropped = [], []
     labels = {**label_preferences(human_labels, override_systems), **(preferences or {})}
@@ -136,6 +147,14 @@ def select_pairs(
             continue
         mean = {s: sum(scores[(sid, s, m)] for m in metrics) / len(metrics) for s in scored}
         labelled = human_choice(labels.get(sid), scored)
+        if pairs_mode != "best_worst" and not labelled:
+            combos = pool_pairs(scored, mean, pairs_mode, top_k, min_margin)
+            combos = [(c, r) for c, r in combos if texts[(sid, c)].strip() != texts[(sid, r)].strip()]
+            if not combos:
+                drop(seg, "margin_below_threshold", f"no candidate worse by >= {min_margin} ({pairs_mode})")
+                continue
+            pairs += [_pair(seg, texts, mean, c, r, 1 / len(combos)) for c, r in combos]
+            continue
         if labelled:
             chosen, worst = labelled
         else:
@@ -172,9 +191,42 @@ def select_pairs(
                 "chosen_score": mean[chosen],
                 "rejected_score": rejected_score,
                 "margin": margin,
+                "weight": 1.0,
             }
         )
     return pairs, dropped
+
+
+def pool_pairs(
+    scored: list[str], mean: dict[str, float], pairs_mode: str, top_k: int, min_margin: float
+) -> list[tuple[str, str]]:
+    """(chosen, rejected) systems of one source beyond best_worst: every combination whose margin is positive
+    and at least min_margin. best_vs_all: the best against each other candidate; top_k_bottom_k: each of the
+    min(top_k, n // 2) best against each of as many worst. `scored` is in tie-break order (sorted() is stable)."""
+    ranked = sorted(scored, key=lambda s: -mean[s])
+    if pairs_mode == "best_vs_all":
+        combos = [(ranked[0], r) for r in ranked[1:]]
+    else:
+        k = min(top_k, len(ranked) // 2)
+        combos = [(c, r) for c in ranked[:k] for r in ranked[len(ranked) - k :]]
+    return [(c, r) for c, r in combos if mean[c] - mean[r] > 0 and mean[c] - mean[r] >= min_margin]
+
+
+def _pair(seg: dict, texts: dict, mean: dict[str, float], chosen: str, rejected: str, weight: float) -> dict:
+    sid = seg["id"]
+    return {
+        "prompt": make_prompt(seg["src"], seg["src_lang"], seg["tgt_lang"]),
+        "chosen": texts[(sid, chosen)],
+        "rejected": texts[(sid, rejected)],
+        "segment_id": sid,
+        "lp": seg["lp"],
+        "chosen_system": chosen,
+        "rejected_system": rejected,
+        "chosen_score": mean[chosen],
+        "rejected_score": mean[rejected],
+        "margin": mean[chosen] - mean[rejected],
+        "weight": weight,
+    }
 
 
 def labelled_segments(

@@ -152,6 +152,18 @@ def flawed_reference(src: str, rng: random.Random, p_drop_adj: float, p_drop_adv
     return rule_translation(src, frozenset(drop))
 
 
+def blemish(src: str, hypothesis: str) -> str:
+    """A perfect translation with one word-level flaw (the adverb dropped, else the adjectives, else the
+    determiner of the subject); any other hypothesis as it is. The `imperfect` learning-check variant passes
+    every candidate through it, so that no candidate is perfect and the best has the fewest flaws."""
+    if hypothesis != rule_translation(src):
+        return hypothesis
+    for category in ("adv", "adj"):
+        if has(src, category):
+            return rule_translation(src, frozenset({category}))
+    return " ".join(hypothesis.split()[1:])
+
+
 def word_edit_distance(a: list[str], b: list[str]) -> int:
     previous = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):

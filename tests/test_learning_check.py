@@ -18,14 +18,13 @@ from alma_r.data.schemas import REFERENCE
 from alma_r.experiments.learning_check import (
     VARIANTS,
     Sizes,
-    ablation_table,
     evaluate,
     one_torch_thread,
-    per_seed_table,
     preference_pairs,
     run_seed,
     train_preference,
 )
+from alma_r.experiments.learning_check_tables import ablation_table, per_seed_table
 from alma_r.models import synthetic
 from alma_r.models.loading import load_tokenizer
 from alma_r.models.score.cache import ScoreCache
@@ -97,7 +96,7 @@ def test_the_synthetic_task_is_as_designed(tmp_path):
 def seeds(tmp_path_factory):
     root = tmp_path_factory.mktemp("learning-check")
     return [
-        run_seed(VARIANTS["main"], seed, SIZES, root / f"seed{seed}", systems=("sft", "cpo"))
+        run_seed(VARIANTS["main"], seed, SIZES, root / f"seed{seed}", systems=("sft", "cpo", "arpo"))
         for seed in SEEDS
     ]
 
@@ -156,3 +155,51 @@ def test_the_check_fails_when_the_selection_rule_is_inverted(seeds, tmp_path):
     failures = failures_per_seed(seeds, cpo, pairs)
     print("\nselection inverted:", failures)
     assert all(any("CPO keeps" in f for f in found) for found in failures.values()), cpo
+
+
+# ARPO (X-ALMA's adaptive rejection, the repository's coefficients): the preference term must do work of its own
+# on every seed. docs/learning-check.md's main table (10 seeds): ARPO raises the mean log-prob margin of its
+# pairs by ARPO_MARGIN_MEASURED at least, the same run with the preference term's sign inverted by at most
+# 2.44 (seeds 0-1); the NLL term alone teaches the adjectives here, so exact match cannot tell them apart.
+ARPO_MARGIN_MEASURED = 4.67
+ARPO_MIN_MARGIN_GAIN = 3.5
+
+
+def test_arpo_widens_the_margin_of_its_pairs_on_every_seed(seeds):
+    gains = {r.seed: r.metrics["arpo"]["pair_margin_gain"] for r in seeds}
+    assert all(g >= ARPO_MIN_MARGIN_GAIN for g in gains.values()), gains
+    assert all(r.metrics["arpo"]["adjective_kept"] > 0.9 for r in seeds)
+
+
+def test_the_arpo_check_fails_with_the_preference_sign_inverted(seeds, tmp_path, monkeypatch):
+    """-log sigmoid(-beta (logp_w - tau logp_l)) instead of -log sigmoid(+...): the margin gain falls below the
+    bar on every seed (measured 2.08-2.44 on seeds 0-1)."""
+    import torch.nn.functional as F
+
+    from alma_r.models.train import losses
+
+    real = cpo_trainer.preference_loss
+
+    @functools.wraps(real)
+    def inverted(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, **kwargs):
+        out = real(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, **kwargs)
+        tau = losses.arpo_rejection_weight(
+            chosen_logps,
+            rejected_logps,
+            chosen_tokens,
+            rejected_tokens,
+            kwargs["arpo_scale"],
+            kwargs["arpo_rate"],
+        )
+        margin = chosen_logps - tau * rejected_logps
+        preference = -F.logsigmoid(-kwargs["beta"] * margin).sum() / kwargs["pair_normalizer"]
+        return replace(out, loss=preference + kwargs["cpo_alpha"] * out.nll, preference=preference)
+
+    monkeypatch.setattr(cpo_trainer, "preference_loss", inverted)
+    gains = {}
+    with one_torch_thread():
+        for r in seeds:
+            model = train_preference(r.sft_dir, r.pairs, "arpo", SIZES, r.seed, tmp_path / f"seed{r.seed}")
+            gains[r.seed] = model.pair_margin_gain
+    print("\nARPO with the sign inverted, margin gains:", gains)
+    assert all(g < ARPO_MIN_MARGIN_GAIN for g in gains.values()), gains

@@ -35,7 +35,9 @@ def add_train_parser(sub, settings_class: type[TrainSettings] = TrainSettings) -
     """The `train` sub-parser; `settings_class` is TrainSettings or a subclass (its new fields become flags)."""
     p = add_command(sub, "train", SUMMARY, __doc__, run_train_cli)
     p.add_argument("--model", required=True, help="base model folder or Hugging Face id")
-    p.add_argument("--data", required=True, help="Parquet with prompt/chosen/rejected columns")
+    p.add_argument(
+        "--data", required=True, help="Parquet with prompt/chosen/rejected columns (and an optional weight)"
+    )
     p.add_argument("--output", required=True, help="output folder: adapter/, metrics.jsonl, checkpoints/")
     p.add_argument("--adapter", help="LoRA adapter to continue training (ALMA-R continues ALMA-13B-LoRA)")
     p.add_argument(
@@ -72,10 +74,16 @@ def read_pairs(path: Path) -> list[dict]:
         raise SystemExit(
             f"alma-r train: {path}: missing column(s) {missing} (need TRL's prompt/chosen/rejected)"
         )
-    rows = table.select(["prompt", "chosen", "rejected"]).to_pylist()
+    weighted = "weight" in table.column_names  # select.pairs' share of a source; absent: every pair weighs 1
+    rows = table.select(["prompt", "chosen", "rejected", *(["weight"] if weighted else [])]).to_pylist()
     for i, row in enumerate(rows):
         for key, value in row.items():
-            if not isinstance(value, str):
+            if key == "weight":
+                if value is not None and not (isinstance(value, int | float) and value > 0):
+                    raise SystemExit(
+                        f"alma-r train: {path}: row {i}: field 'weight' is {value!r}, expected a positive number"
+                    )
+            elif not isinstance(value, str):
                 raise SystemExit(
                     f"alma-r train: {path}: row {i}: field '{key}' is {value!r}, expected a string"
                 )

@@ -13,14 +13,17 @@ preference pairs chosen by a reference-free oracle metric teach them back. Every
       -> one run per row from the SFT model: continued SFT on the references, SFT on chosen, DPO, CPO
       -> evaluate: greedy translations of 1000 held-out sources against the rule-based translation
 
-Variants: `main` (adjectives dropped from 65% of the references that have one; 8 samples + reference) and
+Variants: `main` (adjectives dropped from 65% of the references that have one; 8 samples + reference),
 `hard` (adverbs also dropped from 80% of those that have one; 2 samples + reference, as ALMA-R's 3 candidates),
-which separates CPO from SFT on chosen as the paper's ablation does.
+which separates CPO from SFT on chosen as the paper's ablation does, and `imperfect` (hard, and every candidate
+carries a flaw: a perfect one loses a word, synthetic.blemish; the best has the fewest), the setting of the
+paper's ablation where the preferred translations are imperfect too. Beyond ALMA-R: ARPO, and CPO/ARPO on every
+(best, worse) pair of a source (select.pairs best_vs_all, weighted 1/n); and the CPO model decoded with beam
+search, QE reranking and MBR (learning_check_decoding.py).
 """
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from contextlib import contextmanager
@@ -34,6 +37,8 @@ from alma_r.models import synthetic
 from alma_r.models.generate.hf_backend import Decoding, generate_translations
 from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.score.cache import ScoreCache
+from alma_r.models.train.batching import collate
+from alma_r.models.train.logprobs import CompletionLogps
 from alma_r.models.train.recipe import CPORecipe
 from alma_r.models.train.settings import TrainSettings
 from alma_r.tasks.shared.scoring import score_items
@@ -48,11 +53,13 @@ class Variant:
     p_drop_adj: float = 0.65  # of the references whose source has an adjective
     p_drop_adv: float = 0.0  # of the references whose source has an adverb
     samples: int = 8  # sampled candidates per source; the reference is one more
+    every_candidate_flawed: bool = False  # synthetic.blemish on every candidate: none is perfect
 
 
 VARIANTS = {
     "main": Variant("main"),
     "hard": Variant("hard", p_drop_adv=0.8, samples=2),
+    "imperfect": Variant("imperfect", p_drop_adv=0.8, samples=2, every_candidate_flawed=True),
 }
 
 
@@ -80,7 +87,16 @@ class Sizes:
 
 
 # The rows of the ablation table, in order; "references" is the flawed references themselves on the test set.
-SYSTEMS = ("sft", "continued_sft", "sft_on_chosen", "dpo", "cpo")
+SYSTEMS = (
+    "sft",
+    "continued_sft",
+    "sft_on_chosen",
+    "dpo",
+    "cpo",
+    "arpo",
+    "cpo_best_vs_all",
+    "arpo_best_vs_all",
+)
 LABELS = {
     "references": "references (flawed)",
     "sft": "SFT",
@@ -88,20 +104,26 @@ LABELS = {
     "sft_on_chosen": "SFT on chosen",
     "dpo": "DPO (beta 0.1)",
     "cpo": "CPO (beta 0.1, alpha 1)",
+    "arpo": "ARPO (scale 0.9, rate 0.4)",
+    "cpo_best_vs_all": "CPO, best_vs_all pairs",
+    "arpo_best_vs_all": "ARPO, best_vs_all pairs",
 }
-# Preference-stage runs: the loss type and which target the pair's "chosen" side holds.
+# Preference-stage runs: the loss type, which target the pair's "chosen" side holds, and the pairs' rule.
 RUNS = {
-    "continued_sft": ("sft", "reference"),
-    "sft_on_chosen": ("sft", "chosen"),
-    "dpo": ("dpo", "chosen"),
-    "cpo": ("sigmoid", "chosen"),
+    "continued_sft": ("sft", "reference", "best_worst"),
+    "sft_on_chosen": ("sft", "chosen", "best_worst"),
+    "dpo": ("dpo", "chosen", "best_worst"),
+    "cpo": ("sigmoid", "chosen", "best_worst"),
+    "arpo": ("arpo", "chosen", "best_worst"),
+    "cpo_best_vs_all": ("sigmoid", "chosen", "best_vs_all"),
+    "arpo_best_vs_all": ("arpo", "chosen", "best_vs_all"),
 }
 
 
 @dataclass
 class SeedResult:
     seed: int
-    metrics: dict[str, dict[str, float]]  # system -> evaluate_outputs(...)
+    metrics: dict[str, dict[str, float]]  # system -> evaluate_outputs(...) (+ pair_margin_gain)
     pairs: list[dict]
     dropped: dict[str, int]
     chosen_from_reference: float  # share of pairs whose chosen side is the reference
@@ -112,6 +134,7 @@ class SeedResult:
     scores: dict[tuple[str, str, str], float]
     sample_systems: list[str]
     seconds: dict[str, float] = field(default_factory=dict)
+    decoding: dict[str, dict[str, float]] = field(default_factory=dict)  # "<model> <decoding>" -> metrics
 
 
 def log(message: str) -> None:
@@ -167,9 +190,10 @@ def train_sft(base_dir: Path, task: synthetic.TaskData, sizes: Sizes, seed: int,
 
 
 def generate_candidates(
-    model, tokenizer, segments: list[synthetic.Segment], samples: int, sizes: Sizes, seed: int
+    model, tokenizer, segments: list[synthetic.Segment], samples: int, sizes: Sizes, seed: int, flawed=False
 ) -> dict[tuple[str, str], str]:
-    """texts[(segment id, system)]: the reference, and `samples` sampled translations as systems sample-<k>."""
+    """texts[(segment id, system)]: the reference, and `samples` sampled translations as systems sample-<k>;
+    with `flawed`, each perfect one given a flaw (synthetic.blemish)."""
     texts = {(s.id, REFERENCE): s.ref for s in segments}
     prompts = [s.prompt for s in segments for _ in range(samples)]
     decoding = Decoding(do_sample=True, temperature=sizes.temperature, max_new_tokens=16)
@@ -179,6 +203,9 @@ def generate_candidates(
     for i, text in enumerate(outputs):
         seg, k = segments[i // samples], i % samples
         texts[(seg.id, f"sample-{k}")] = text or ""
+    if flawed:
+        src = {s.id: s.src for s in segments}
+        texts = {(sid, system): synthetic.blemish(src[sid], text) for (sid, system), text in texts.items()}
     return texts
 
 
@@ -200,9 +227,11 @@ def preference_pairs(
     texts: dict[tuple[str, str], str],
     scores: dict[tuple[str, str, str], float],
     systems: list[str],
+    pairs_mode: str = "best_worst",
 ) -> tuple[list[dict], list[dict]]:
     """The project's selection rule; each pair also carries its source's reference (for continued SFT)."""
-    pairs, dropped = select_pairs([s.as_row() for s in segments], texts, scores, systems, [METRIC])
+    rows = [s.as_row() for s in segments]
+    pairs, dropped = select_pairs(rows, texts, scores, systems, [METRIC], pairs_mode=pairs_mode)
     refs = {s.id: s.ref for s in segments}
     for p in pairs:
         p["reference"] = refs[p["segment_id"]]
@@ -212,10 +241,16 @@ def preference_pairs(
 def train_preference(
     sft_dir: Path, pairs: list[dict], run: str, sizes: Sizes, seed: int, out_dir: Path
 ) -> torch.nn.Module:
-    """One ablation row, trained from the SFT model on the same sources; returns the trained model."""
-    loss_type, target = RUNS[run]
+    """One ablation row, trained from the SFT model on the same sources; returns the trained model, with
+    `pair_margin_gain` set on it: how much training raised the mean log-prob margin (chosen - rejected) of its
+    pairs (the preference term's own effect; the NLL term alone raises it much less)."""
+    return _train(sft_dir, pairs, run, sizes, seed, out_dir)
+
+
+def _train(sft_dir, pairs, run, sizes, seed, out_dir):
+    loss_type, target, _ = RUNS[run]
     examples = [
-        {"prompt": p["prompt"], "chosen": p[target], "rejected": p["rejected"]}
+        {"prompt": p["prompt"], "chosen": p[target], "rejected": p["rejected"], "weight": p["weight"]}
         for p in pairs  # (continued SFT: the reference as the target, the rejected side unused)
     ]
     settings = _settings(
@@ -227,7 +262,27 @@ def train_preference(
         num_epochs=sizes.pref_epochs,
         batch_size=sizes.pref_batch,
     )
-    return CPORecipe(settings, str(sft_dir), examples, out_dir, seed=seed).setup().train().model
+    recipe = CPORecipe(settings, str(sft_dir), examples, out_dir, seed=seed).setup()
+    before = _mean_margin(recipe)
+    recipe.train()
+    recipe.model.pair_margin_gain = _mean_margin(recipe) - before
+    return recipe.model
+
+
+@torch.no_grad()
+def _mean_margin(recipe: CPORecipe) -> float:
+    """Mean of log pi(chosen) - log pi(rejected) over the recipe's pairs (the summed log-probs of CPO's eq. 3),
+    for every row, SFT ones included (their recipe never reads the rejected side)."""
+    model = recipe.model
+    model.eval()
+    scorer, total = CompletionLogps(model), 0.0
+    for start in range(0, len(recipe.examples), 256):
+        chunk = recipe.examples[start : start + 256]
+        batch = collate(chunk, recipe.tokenizer.pad_token_id, True, False, mask_dtype=torch.float32)
+        logps, _ = scorer(batch.to(recipe.device))
+        total += (logps[: len(chunk)] - logps[len(chunk) :]).sum().item()
+    model.train()
+    return total / len(recipe.examples)
 
 
 def evaluate(model, tokenizer, segments: list[synthetic.Segment], sizes: Sizes) -> dict[str, float]:
@@ -247,15 +302,21 @@ def evaluate(model, tokenizer, segments: list[synthetic.Segment], sizes: Sizes) 
 
 
 def run_seed(
-    variant: Variant, seed: int, sizes: Sizes, work_dir: Path, systems: tuple[str, ...] = SYSTEMS
+    variant: Variant,
+    seed: int,
+    sizes: Sizes,
+    work_dir: Path,
+    systems: tuple[str, ...] = SYSTEMS,
+    decode: bool = False,
 ) -> SeedResult:
-    """Every stage for one seed; `systems` picks the rows of the table to train (SFT is always there)."""
+    """Every stage for one seed; `systems` picks the rows of the table to train (SFT is always there);
+    `decode` also compares beam search, QE reranking and MBR on the SFT and CPO models."""
     with one_torch_thread():
-        return _run_seed(variant, seed, sizes, Path(work_dir), systems)
+        return _run_seed(variant, seed, sizes, Path(work_dir), systems, decode)
 
 
 def _run_seed(
-    variant: Variant, seed: int, sizes: Sizes, work_dir: Path, systems: tuple[str, ...]
+    variant: Variant, seed: int, sizes: Sizes, work_dir: Path, systems: tuple[str, ...], decode: bool
 ) -> SeedResult:
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -288,10 +349,17 @@ def _run_seed(
     lap("evaluate sft")
 
     sample_systems = [f"sample-{k}" for k in range(variant.samples)]
-    texts = generate_candidates(sft_model, tokenizer, task.preference, variant.samples, sizes, seed)
+    texts = generate_candidates(
+        sft_model, tokenizer, task.preference, variant.samples, sizes, seed, variant.every_candidate_flawed
+    )
     lap("generate")
     scores = score_candidates(task.preference, texts, sample_systems, work_dir / "cache")
     pairs, dropped = preference_pairs(task.preference, texts, scores, sample_systems)
+    pairs_by_mode = {"best_worst": pairs}
+    if any(RUNS[run][2] == "best_vs_all" for run in systems if run != "sft"):
+        pairs_by_mode["best_vs_all"] = preference_pairs(
+            task.preference, texts, scores, sample_systems, "best_vs_all"
+        )[0]
     lap("score+select")
     if not pairs:
         raise RuntimeError(f"seed {seed}: no preference pairs selected ({len(dropped)} sources dropped)")
@@ -300,13 +368,25 @@ def _run_seed(
         f"{len(pairs)} pairs from {len(task.preference)} sources"
     )
 
+    models = {"sft": sft_model}
     for run in systems:
         if run == "sft":
             continue
-        model = train_preference(sft_dir, pairs, run, sizes, seed, work_dir / run)
+        model = train_preference(sft_dir, pairs_by_mode[RUNS[run][2]], run, sizes, seed, work_dir / run)
         metrics[run] = evaluate(model, tokenizer, task.test, sizes)
+        metrics[run]["pair_margin_gain"] = model.pair_margin_gain
+        models[run] = model
         lap(run)
         log(f"seed {seed}: {run} exact match {metrics[run]['exact_match']:.3f}")
+    decoded = {}
+    if decode:
+        from alma_r.experiments.learning_check_decoding import compare_decodings
+
+        for name in ("sft", "cpo"):
+            if name in models:
+                for mode, values in compare_decodings(models[name], tokenizer, task.test, work_dir).items():
+                    decoded[f"{name} {mode}"] = values
+        lap("decoding")
 
     drop_reasons: dict[str, int] = {}
     for d in dropped:
@@ -323,63 +403,8 @@ def _run_seed(
         scores=scores,
         sample_systems=sample_systems,
         seconds=seconds,
+        decoding=decoded,
     )
-
-
-# -------------------------------------------------------------------------------------------------- tables
-
-COLUMNS = [
-    ("exact_match", "exact match"),
-    ("adjective_kept", "adjectives kept"),
-    ("adverb_kept", "adverbs kept"),
-    ("exact_match_no_adjective", "exact match, no adjective"),
-    ("oracle", "oracle score"),
-]
-
-
-def _mean_spread(values: list[float]) -> str:
-    """Mean ± sample standard deviation over seeds (± 0 for one seed)."""
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
-
-
-def ablation_table(results: list[SeedResult]) -> str:
-    """The markdown table: one row per system, mean ± spread over the seeds."""
-    rows = ["references", *[s for s in SYSTEMS if s in results[0].metrics]]
-    lines = [
-        "| system | " + " | ".join(label for _, label in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
-    ]
-    for system in rows:
-        cells = [_mean_spread([r.metrics[system][key] for r in results]) for key, _ in COLUMNS]
-        lines.append(f"| {LABELS[system]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def per_seed_table(results: list[SeedResult]) -> str:
-    """Selection, exact match and the test's bars per seed (tests/test_learning_check.py: CPO keeps > 0.9 of the
-    adjectives and >= 0.95 exact match without one, SFT < 0.3): the spread of the means is often one bad seed."""
-    systems = [s for s in SYSTEMS if s in results[0].metrics]
-    header = ["seed", "pairs", "chosen = reference", "dropped (ties)"]
-    header += [f"{LABELS[s].split(' (')[0]} exact match" for s in systems]
-    header += ["SFT adjectives kept", "CPO adjectives kept", "CPO exact match, no adjective", "seconds"]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for r in results:
-        cells = [
-            str(r.seed),
-            str(len(r.pairs)),
-            f"{r.chosen_from_reference:.2f}",
-            str(sum(r.dropped.values())),
-        ]
-        cells += [f"{r.metrics[s]['exact_match']:.3f}" for s in systems]
-        cells += [
-            f"{r.metrics['sft']['adjective_kept']:.3f}",
-            f"{r.metrics['cpo']['adjective_kept']:.3f}",
-            f"{r.metrics['cpo']['exact_match_no_adjective']:.3f}",
-            f"{sum(r.seconds.values()):.0f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------- seeds
@@ -391,6 +416,7 @@ def run_learning_check(
     sizes: Sizes | None = None,
     work_dir: Path | None = None,
     jobs: int = 1,
+    decode: bool = False,
 ) -> list[SeedResult]:
     """Every seed of `seeds`, `jobs` at a time. Seeds share nothing, and each runs on one thread, so a seed's
     result is the same whichever process runs it and beside whichever others."""
@@ -400,11 +426,14 @@ def run_learning_check(
         folders = [root / f"{variant.name}-seed{seed}" for seed in seeds]
         if jobs <= 1:
             return [
-                run_seed(variant, seed, sizes, folder) for seed, folder in zip(seeds, folders, strict=True)
+                run_seed(variant, seed, sizes, folder, SYSTEMS, decode)
+                for seed, folder in zip(seeds, folders, strict=True)
             ]
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         n = len(seeds)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(run_seed, [variant] * n, seeds, [sizes] * n, folders))
+            return list(
+                pool.map(run_seed, [variant] * n, seeds, [sizes] * n, folders, [SYSTEMS] * n, [decode] * n)
+            )

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from alma_r.experiments.learning_check import SeedResult, Variant, ablation_table, per_seed_table
+from alma_r.experiments.learning_check import SeedResult, Variant
+from alma_r.experiments.learning_check_tables import ablation_table, decoding_table, per_seed_table
 
 # The environment variables that limit the instruction set torch's CPU kernels use (ATen's own vector code,
 # oneDNN's and MKL's): a section measured under a limit is kept apart from the default one.
@@ -120,6 +121,7 @@ def render_section(
     title = {
         "main": "Main variant: adjectives dropped, 8 samples + reference per source",
         "hard": "Hard variant: adjectives and adverbs dropped, 2 samples + reference per source",
+        "imperfect": "Imperfect variant: the hard variant, and every candidate carries a flaw (the best fewest)",
     }[variant.name]
     limits = isa_limits()
     if limits:
@@ -140,6 +142,16 @@ def render_section(
             "Per seed:",
             "",
             per_seed_table(results),
+            *(
+                [
+                    "",
+                    "Decoding (held-out sources; beam: the best of 4 beams, which QE and MBR rerank):",
+                    "",
+                    decoding_table(results),
+                ]
+                if decoding_table(results)
+                else []
+            ),
             _marker(section_id(variant), end=True),
         ]
     )

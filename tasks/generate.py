@@ -33,10 +33,13 @@ from alma_r.models.generate.hf_backend import Decoding, generate_translations, s
 from alma_r.models.generate.vllm_backend import DEFAULT_DTYPE as VLLM_DTYPE
 from alma_r.models.loading import load_model, load_tokenizer, model_identity, pick_device
 from alma_r.models.prompts import load_shots, make_prompt
+from alma_r.models.score.cache import ScoreCache
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 from alma_r.tasks.shared.candidates import write_candidates
 from alma_r.tasks.shared.imported_translations import file_translations, ingested_translations
+from alma_r.tasks.shared.quality_decoding import rerank
+from alma_r.tasks.shared.scoring import cache_path_for, make_scorer
 
 
 def preference_sources(segments: list[dict], max_per_lp: int | None) -> list[dict]:
@@ -134,6 +137,8 @@ def generation_settings(system: DecodingConfig, seed: int) -> str:
     """The CANDIDATES `generation` column: JSON of the system's decoding settings, backend, samples and shots,
     and the run's seed."""
     settings = system.model_dump(include={*DECODING_FIELDS, "backend", "n", "shots"})
+    if system.rerank != "none":
+        settings.update(rerank=system.rerank, rerank_metric=system.reranking_metric())
     return json.dumps({**settings, "seed": seed}, sort_keys=True)
 
 
@@ -382,6 +387,12 @@ def run_generate(
             outs, generated, from_cache = plan.results(), plan.generated, plan.from_cache
             if any(o is None for row in outs for o in row):  # the one list would part: score would stop
                 raise RuntimeError(f"system '{system.name}': a prompt the skip list kept was skipped")
+            if system.rerank != "none":  # the n samples reranked into one candidate
+                outs, generated, from_cache = (
+                    reranked(cfg, system, sources, outs, counts),
+                    [sum(generated)],
+                    [sum(from_cache)],
+                )
             rows_of = [{**identity, "generation": settings}] * len(sources)
         for k, name in enumerate(system.system_names()):
             rows = [
@@ -393,6 +404,23 @@ def run_generate(
             counts["generated"] += generated[k]
             counts["from_cache"] += from_cache[k]
     return outputs, counts
+
+
+def reranked(
+    cfg: RunConfig, system: DecodingConfig, sources: list[dict], outs: list[list[str]], counts: dict
+) -> list[list[str]]:
+    """Each source's n samples reduced to one by QE reranking or MBR (tasks/shared/quality_decoding.py)."""
+    metric = system.reranking_metric()
+    chosen = rerank(
+        sources,
+        outs,
+        system.rerank,
+        lambda lang: make_scorer(cfg, metric, lang),
+        metric,
+        ScoreCache(cache_path_for(cfg)),
+        counts,
+    )
+    return [[c] for c in chosen]
 
 
 def generate_key(cfg: RunConfig, run_dir: Path, segments: StageResult, policy: StageResult) -> StageKey:

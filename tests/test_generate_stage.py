@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from alma_r.config import SAMPLE_DIR, load_config
+from alma_r.config import SAMPLE_DIR, ConfigError, load_config
 from alma_r.data.io import read_rows, write_table
 from alma_r.data.readers import IngestError
 from alma_r.data.schemas import CANDIDATES, SEGMENTS
@@ -126,3 +126,42 @@ def test_imported_file_system_is_aligned_and_checked(segments, tmp_path, tiny_mo
     )
     outputs, _ = run_generate(cfg, segments, str(tiny_model_dir), None, tmp_path / "out3")
     assert read_rows(outputs["candidates/j"], CANDIDATES)[4]["hypothesis"] == "J4"
+
+
+def test_a_reranked_system_is_one_candidate_chosen_from_its_cached_samples(
+    segments, tmp_path, tiny_model_dir
+):
+    # The same samples as a plain n = 3 system (the generation cache gives them back, nothing is generated),
+    # then MBR with chrF picks one per source: the one with the highest mean chrF against the two others.
+    from sacrebleu.metrics import CHRF
+
+    plain = config(tmp_path, "generate.systems=[{name: s, do_sample: true, n: 3, max_new_tokens: 8}]")
+    outputs, _ = run_generate(plain, segments, str(tiny_model_dir), None, tmp_path / "plain")
+    samples = [
+        [r["hypothesis"] for r in read_rows(outputs[f"candidates/s-{k}"], CANDIDATES)] for k in (1, 2, 3)
+    ]
+    mbr = config(
+        tmp_path, "generate.systems=[{name: s, do_sample: true, n: 3, max_new_tokens: 8, rerank: mbr}]"
+    )
+    outputs, counts = run_generate(mbr, segments, str(tiny_model_dir), None, tmp_path / "mbr")
+    assert set(outputs) == {"candidates/s"} and counts["s/generated"] == 0 and counts["s/from_cache"] == 15
+    rows = read_rows(outputs["candidates/s"], CANDIDATES)
+    assert json.loads(rows[0]["generation"])["rerank"] == "mbr"
+    chrf = CHRF()
+    for i, row in enumerate(rows):
+        cands = [samples[k][i] for k in range(3)]
+        utility = [
+            sum(chrf.sentence_score(cands[a], [cands[b]]).score for b in range(3) if b != a) / 2
+            for a in range(3)
+        ]
+        assert row["hypothesis"] == cands[max(range(3), key=lambda a: (utility[a], -a))]
+
+
+def test_rerank_needs_several_samples_and_a_metric_of_its_kind(tmp_path):
+    with pytest.raises(ConfigError, match="n >= 2"):
+        config(tmp_path, "generate.systems=[{name: s, rerank: mbr}]")
+    with pytest.raises(ConfigError, match="rerank_metric 'chrf' is not a reference-free metric"):
+        config(
+            tmp_path,
+            "generate.systems=[{name: s, do_sample: true, n: 2, rerank: qe_rerank, rerank_metric: chrf}]",
+        )

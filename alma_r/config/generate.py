@@ -37,7 +37,18 @@ BACKEND_FIELDS: dict[str, tuple[str, ...]] = {
     "num_beams": ("hf", "vllm"),
     "top_k": ("hf", "vllm"),
     **dict.fromkeys(
-        ("do_sample", "temperature", "top_p", "max_new_tokens", "n", "shots", "shots_dir"), _PROMPTED
+        (
+            "do_sample",
+            "temperature",
+            "top_p",
+            "max_new_tokens",
+            "n",
+            "shots",
+            "shots_dir",
+            "rerank",
+            "rerank_metric",
+        ),
+        _PROMPTED,
     ),
     **dict.fromkeys(("files", "file_format", "jsonl_field"), ("file",)),
     "endpoint": ("openai",),
@@ -71,6 +82,18 @@ class DecodingConfig(Section):
     )
     max_new_tokens: int = Field(64, ge=1)
     n: int = Field(1, ge=1, description="Samples per source; systems <name>-1..<name>-n when n > 1.")
+    rerank: Literal["none", "qe_rerank", "mbr"] = Field(
+        "none",
+        description="Quality-aware decoding of the n samples into one candidate, system <name>: qe_rerank (the "
+        "best by a reference-free metric) or mbr (the highest expected utility against the other samples); "
+        "scored through the score cache.",
+    )
+    rerank_metric: str | None = Field(
+        None,
+        description="rerank's metric: qe_rerank a reference-free one (default consensus_chrf, or a "
+        "score.comet_models entry with reference: false); mbr the utility (default chrf; bleu or a COMET "
+        "model with reference: true).",
+    )
     shots: Literal["none", "hw", "filtered"] = Field(
         "none", description="ALMA's 5-shot prompts: human-written (hw) or filtered examples, from shots_dir."
     )
@@ -105,12 +128,21 @@ class DecodingConfig(Section):
             raise ValueError(f"system '{self.name}': backend file needs files: {{lp: path}}")
         if self.backend == "openai" and self.endpoint is None:
             raise ValueError(f"system '{self.name}': backend openai needs endpoint: {{base_url, model}}")
+        if self.rerank != "none" and self.n < 2:
+            raise ValueError(
+                f"system '{self.name}': rerank {self.rerank} chooses among n >= 2 samples (n: {self.n})"
+            )
         if self.shots != "none" and self.shots_dir is None:
             raise ValueError(f"system '{self.name}': shots {self.shots} needs shots_dir")
         return self
 
     def system_names(self) -> list[str]:
-        return [self.name] if self.n == 1 else [f"{self.name}-{k}" for k in range(1, self.n + 1)]
+        if self.n == 1 or self.rerank != "none":  # a reranked system is one candidate
+            return [self.name]
+        return [f"{self.name}-{k}" for k in range(1, self.n + 1)]
+
+    def reranking_metric(self) -> str:
+        return self.rerank_metric or ("chrf" if self.rerank == "mbr" else "consensus_chrf")
 
 
 class GenerateSection(Section):

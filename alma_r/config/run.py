@@ -346,23 +346,27 @@ class RunConfig(Section):
         return self
 
     def _check_decoding_metrics(self) -> None:
-        e, comet = self.evaluate, self.score.comet_models
-        if e.decoding == "beam":
-            return
-        if not (
-            e.qe_metric == "consensus_chrf" or (e.qe_metric in comet and not comet[e.qe_metric].reference)
-        ):
-            free = ["consensus_chrf", *(m for m, spec in comet.items() if not spec.reference)]
-            raise ValueError(
-                f"evaluate.qe_metric '{e.qe_metric}' is not a reference-free metric (one of: {', '.join(free)})"
-            )
-        if e.decoding == "mbr" and not (
-            e.mbr_utility in ("chrf", "bleu") or (e.mbr_utility in comet and comet[e.mbr_utility].reference)
-        ):
-            with_ref = ["chrf", "bleu", *(m for m, spec in comet.items() if spec.reference)]
-            raise ValueError(
-                f"evaluate.mbr_utility '{e.mbr_utility}' does not take a reference (one of: {', '.join(with_ref)})"
-            )
+        """evaluate.decoding's and each generate system's rerank metrics are of the kind their rule needs."""
+        e = self.evaluate
+        if e.decoding != "beam":
+            self._check_reranking_metric("qe_rerank", e.qe_metric, "evaluate.qe_metric")
+        if e.decoding == "mbr":
+            self._check_reranking_metric("mbr", e.mbr_utility, "evaluate.mbr_utility")
+        for system in self.generate.systems:
+            if system.rerank != "none":
+                field = f"generate system '{system.name}': rerank_metric"
+                self._check_reranking_metric(system.rerank, system.reranking_metric(), field)
+
+    def _check_reranking_metric(self, mode: str, metric: str, field: str) -> None:
+        comet = self.score.comet_models
+        if mode == "qe_rerank":
+            fits = [m for m in ["consensus_chrf", *comet] if m == "consensus_chrf" or not comet[m].reference]
+            what = "a reference-free metric"
+        else:
+            fits = [m for m in ["chrf", "bleu", *comet] if m in ("chrf", "bleu") or comet[m].reference]
+            what = "a metric that takes a reference (MBR's pseudo-reference)"
+        if metric not in fits:
+            raise ValueError(f"{field} '{metric}' is not {what} (one of: {', '.join(fits)})")
 
     def _check_selection_scales(self) -> None:
         """A mean of metrics on different scales is decided by the 0-100 ones alone."""

@@ -65,6 +65,14 @@ def failures_per_seed(seeds, cpo: list[dict], pairs: list[int]) -> dict[int, lis
 def test_the_synthetic_task_is_as_designed(tmp_path):
     assert synthetic.rule_translation("the big dog sees a cat quickly") == "THE DOG BIG A CAT SEES QUICKLY"
     assert synthetic.rule_translation("some tired owl sleeps", frozenset({"adj"})) == "SOME OWL SLEEPS"
+    # The imperfect variant's flaw: a perfect translation loses its adverb, else its adjective, else the
+    # subject's determiner; a flawed one stays as it is.
+    assert synthetic.blemish("the big dog sees a cat quickly", "THE DOG BIG A CAT SEES QUICKLY") == (
+        "THE DOG BIG A CAT SEES"
+    )
+    assert synthetic.blemish("some tired owl sleeps", "SOME OWL TIRED SLEEPS") == "SOME OWL SLEEPS"
+    assert synthetic.blemish("the dog runs", "THE DOG RUNS") == "DOG RUNS"
+    assert synthetic.blemish("the dog runs", "THE DOG") == "THE DOG"
     task = synthetic.make_task(0, n_train=2000, n_preference=10, n_test=1000)
     sources = [s.src for s in task.train + task.preference + task.test]
     assert len(set(sources)) == len(sources) and all(3 <= len(s.split()) <= 8 for s in sources)
@@ -158,10 +166,9 @@ def test_the_check_fails_when_the_selection_rule_is_inverted(seeds, tmp_path):
 
 
 # ARPO (X-ALMA's adaptive rejection, the repository's coefficients): the preference term must do work of its own
-# on every seed. docs/learning-check.md's main table (10 seeds): ARPO raises the mean log-prob margin of its
-# pairs by ARPO_MARGIN_MEASURED at least, the same run with the preference term's sign inverted by at most
-# 2.44 (seeds 0-1); the NLL term alone teaches the adjectives here, so exact match cannot tell them apart.
-ARPO_MARGIN_MEASURED = 4.67
+# on every seed. Measured (docs/learning-check.md's main table, 10 seeds): ARPO raises the mean log-prob margin of
+# its pairs by 5.56 ± 0.63, at least 4.67 on seeds 0-2; the same runs with the preference term's sign inverted by
+# 2.08-2.44 (seeds 0-2). The NLL term alone teaches the adjectives here, so exact match cannot tell them apart.
 ARPO_MIN_MARGIN_GAIN = 3.5
 
 
@@ -173,7 +180,7 @@ def test_arpo_widens_the_margin_of_its_pairs_on_every_seed(seeds):
 
 def test_the_arpo_check_fails_with_the_preference_sign_inverted(seeds, tmp_path, monkeypatch):
     """-log sigmoid(-beta (logp_w - tau logp_l)) instead of -log sigmoid(+...): the margin gain falls below the
-    bar on every seed (measured 2.08-2.44 on seeds 0-1)."""
+    bar on every seed (measured 2.08-2.44 on seeds 0-2)."""
     import torch.nn.functional as F
 
     from alma_r.models.train import losses

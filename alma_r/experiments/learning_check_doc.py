@@ -93,7 +93,30 @@ SFT keeps less than 0.3, CPO's exact match on sentences without an adjective is 
 pairs are selected, and SFT's exact match is below the references', CPO's above. Two more tests rerun only
 the preference stage of those seeds with the method broken and assert that every seed then fails the
 adjective check: CPO's NLL term on the rejected side instead of the chosen one, and the selection rule
-inverted (chosen = worst, rejected = best).
+inverted (chosen = worst, rejected = best). The same seeds also train ARPO, which must raise the mean log-prob
+margin (chosen - rejected) of its pairs by at least 3.5 on every seed, and a rerun with ARPO's preference term's
+sign inverted must fall below that on every seed (exact match cannot tell them apart here: the NLL term alone
+teaches every adjective of the main variant).
+
+## Beyond ALMA-R: ARPO, several pairs per source, quality-aware decoding
+
+- ARPO (`loss_type: arpo`, X-ALMA's adaptive rejection, models/train/losses.py): the rejected log-prob is
+  scaled by tau = min(0.9 exp(0.4 gap) - 1, 1), gap = |avg log pi(chosen) - avg log pi(rejected)| per token
+  (the authors' code's coefficients). For pairs closer than 0.26 nats per token tau is negative: the rejected
+  side is pulled up with the chosen one.
+- best_vs_all: every candidate worse than the best is a rejected side of its own pair (`select.pairs`), each
+  of a source's pairs weighted 1/n, so that the source counts once.
+- Pair margin gain: how much a row's training raised the mean of log pi(chosen) - log pi(rejected) (summed
+  log-probs, CPO's eq. 3) over its own pairs; SFT rows get it too (their loss never reads the rejected side).
+- The imperfect variant: the hard variant, with every candidate (samples and reference) passed through
+  `synthetic.blemish`: a perfect one loses a word (its adverb, else its adjectives, else the subject's
+  determiner), so no candidate is perfect and the best has the fewest flaws. Pairs are often a word apart.
+  Sources whose candidates then tie are dropped (ties), so fewer pairs are selected.
+- Decoding (`--decoding`): the SFT and CPO models on the held-out sources, greedy (the tables' decoding), beam
+  search (the best of 4 beams), QE reranking of the 4 beams with the oracle, and MBR over them with chrF as the
+  utility (tasks/shared/quality_decoding.py, through the score cache). MBR with the oracle as its utility is the
+  QE row: the oracle reads the source, never the pseudo-reference. The oracle is the task's perfect metric, so
+  its QE row is an upper bound of reranking, not a fair decoding.
 
 ## Any x86 CPU
 

@@ -1,0 +1,78 @@
+"""ARPO's rejection weight on the learning check's pairs: the length-averaged log-prob gaps of one seed's pairs
+under its SFT model (where ARPO training starts), and the share of pairs whose tau is at most 0.
+
+    PYTHONPATH=. .venv/bin/python scripts/arpo_gaps.py --variant imperfect --seed 0     (~1.5 min on one core)
+
+It trains the seed's SFT model (as `alma-r learning-check` does), samples and selects the pairs, then reads the
+gaps off one forward pass; docs/learning-check.md quotes its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from alma_r.experiments import learning_check as lc
+from alma_r.models import synthetic
+from alma_r.models.loading import load_model, load_tokenizer
+from alma_r.models.train.batching import collate, tokenize_pairs
+from alma_r.models.train.logprobs import CompletionLogps
+from alma_r.models.train.settings import TrainSettings
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variant", choices=sorted(lc.VARIANTS), default="imperfect")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    variant, sizes, seed = lc.VARIANTS[args.variant], lc.Sizes(), args.seed
+    defaults = TrainSettings()
+    with tempfile.TemporaryDirectory() as tmp, lc.one_torch_thread():
+        task = synthetic.make_task(
+            seed,
+            sizes.train_sentences,
+            sizes.preference_sources,
+            sizes.test_sources,
+            variant.p_drop_adj,
+            variant.p_drop_adv,
+        )
+        sft_dir = lc.train_sft(
+            synthetic.build_model(Path(tmp) / "base", seed), task, sizes, seed, Path(tmp) / "sft"
+        )
+        tokenizer, model = load_tokenizer(str(sft_dir)), load_model(str(sft_dir))
+        systems = [f"sample-{k}" for k in range(variant.samples)]
+        texts = lc.generate_candidates(
+            model, tokenizer, task.preference, variant.samples, sizes, seed, variant.every_candidate_flawed
+        )
+        scores = lc.score_candidates(task.preference, texts, systems, Path(tmp))
+        pairs, _ = lc.preference_pairs(task.preference, texts, scores, systems)
+        examples, _ = tokenize_pairs(tokenizer, pairs, 64, 128)
+        logps_of, gaps = CompletionLogps(model), []
+        with torch.no_grad():
+            for start in range(0, len(examples), 256):
+                chunk = examples[start : start + 256]
+                logps, n = logps_of(collate(chunk, tokenizer.pad_token_id, True, False))
+                k = len(chunk)
+                gaps += (logps[:k] / n[:k] - logps[k:] / n[k:]).abs().tolist()
+    gaps.sort()
+    scale, rate = defaults.arpo_scale, defaults.arpo_rate
+    zero = math.log(1 / scale) / rate  # tau = 0 here
+
+    def tau(gap: float) -> float:
+        return min(scale * math.exp(rate * gap) - 1, 1.0)
+
+    quantile = {q: gaps[round(q * (len(gaps) - 1))] for q in (0.1, 0.5, 0.9)}
+    print(
+        f"{args.variant} seed {seed}: {len(gaps)} pairs; tau = min({scale} exp({rate} gap) - 1, 1), 0 at gap {zero:.3f}"
+    )
+    for q, gap in quantile.items():
+        print(f"  {int(q * 100)}th percentile gap {gap:.3f} nats/token, tau {tau(gap):+.3f}")
+    print(f"  pairs with tau <= 0: {sum(g <= zero for g in gaps) / len(gaps):.2f}")
+
+
+if __name__ == "__main__":
+    main()

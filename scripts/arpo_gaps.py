@@ -3,8 +3,8 @@ under its SFT model (where ARPO training starts), and the share of pairs whose t
 
     PYTHONPATH=. .venv/bin/python scripts/arpo_gaps.py --variant imperfect --seed 0     (~1.5 min on one core)
 
-It trains the seed's SFT model (as `alma-r learning-check` does), samples and selects the pairs, then reads the
-gaps off one forward pass; docs/learning-check.md quotes its output.
+It runs the seed's SFT, sampling and selection (`run_seed` with the SFT row only), then reads the gaps off one
+forward pass; docs/learning-check.md quotes its output.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from alma_r.experiments import learning_check as lc
-from alma_r.models import synthetic
 from alma_r.models.loading import load_model, load_tokenizer
 from alma_r.models.train.batching import collate, tokenize_pairs
 from alma_r.models.train.logprobs import CompletionLogps
@@ -31,28 +30,12 @@ def main() -> None:
     args = p.parse_args()
     variant, sizes, seed = lc.VARIANTS[args.variant], lc.Sizes(), args.seed
     defaults = TrainSettings()
-    with tempfile.TemporaryDirectory() as tmp, lc.one_torch_thread():
-        task = synthetic.make_task(
-            seed,
-            sizes.train_sentences,
-            sizes.preference_sources,
-            sizes.test_sources,
-            variant.p_drop_adj,
-            variant.p_drop_adv,
-        )
-        sft_dir = lc.train_sft(
-            synthetic.build_model(Path(tmp) / "base", seed), task, sizes, seed, Path(tmp) / "sft"
-        )
-        tokenizer, model = load_tokenizer(str(sft_dir)), load_model(str(sft_dir))
-        systems = [f"sample-{k}" for k in range(variant.samples)]
-        texts = lc.generate_candidates(
-            model, tokenizer, task.preference, variant.samples, sizes, seed, variant.every_candidate_flawed
-        )
-        scores = lc.score_candidates(task.preference, texts, systems, Path(tmp))
-        pairs, _ = lc.preference_pairs(task.preference, texts, scores, systems)
-        examples, _ = tokenize_pairs(tokenizer, pairs, 64, 128)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = lc.run_seed(variant, seed, sizes, Path(tmp), systems=("sft",))  # SFT, candidates, pairs
+        tokenizer, model = load_tokenizer(str(result.sft_dir)), load_model(str(result.sft_dir))
+        examples, _ = tokenize_pairs(tokenizer, result.pairs, 64, 128)
         logps_of, gaps = CompletionLogps(model), []
-        with torch.no_grad():
+        with torch.no_grad(), lc.one_torch_thread():
             for start in range(0, len(examples), 256):
                 chunk = examples[start : start + 256]
                 logps, n = logps_of(collate(chunk, tokenizer.pad_token_id, True, False))

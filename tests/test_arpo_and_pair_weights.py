@@ -186,3 +186,12 @@ def test_no_candidate_worse_by_the_margin_is_dropped_with_its_reason():
 def test_several_pairs_with_a_noised_rejected_side_is_a_config_error():
     with pytest.raises(ConfigError, match="select.pairs"):
         load_config(None, ["select.pairs=best_vs_all", "select.rejected=noise"])
+
+
+def test_arpo_settings_enter_the_checkpoint_identity_only_for_arpo():
+    # A checkpoint written before ARPO existed (no arpo_* fields) must still resume a sigmoid run.
+    sigmoid = TrainSettings().identity(seed=1)
+    assert "arpo_scale" not in sigmoid and TrainSettings(arpo_scale=2.0).identity(seed=1) == sigmoid
+    arpo = TrainSettings(loss_type="arpo")
+    assert arpo.identity(seed=1)["arpo_scale"] == 0.9
+    assert TrainSettings(loss_type="arpo", arpo_rate=0.0).identity(seed=1) != arpo.identity(seed=1)

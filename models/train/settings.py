@@ -29,6 +29,7 @@ LOSS_TYPES = get_args(LossType)
 # Written beside the adapter, so part of the train stage's result, but no part of the training itself: a
 # checkpoint written under the other value still resumes. Fields marked NOT_A_RESULT are left out of both.
 NOT_IN_CHECKPOINT = frozenset({"save_merged"})
+ARPO_FIELDS = frozenset({"arpo_scale", "arpo_rate"})  # in the checkpoint's identity only with loss_type arpo
 
 
 class LoraSettings(BaseModel):
@@ -194,4 +195,6 @@ class TrainSettings(BaseModel):
         """The settings that change the maths of training, plus `context` (the run-level values that change it
         too: seed, dtype, trust_remote_code)."""
         dumped = {k: v for k, v in result_dump(self).items() if k not in NOT_IN_CHECKPOINT}
+        if self.loss_type != "arpo":  # unused: a checkpoint written before ARPO existed still resumes
+            dumped = {k: v for k, v in dumped.items() if k not in ARPO_FIELDS}
         return dumped | context

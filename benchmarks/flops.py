@@ -127,3 +127,26 @@ def step_flops(
 ) -> int:
     """Matmul FLOPs of a step over sequences of these real lengths (CPO: each pair's chosen and rejected)."""
     return sum(sequence_flops(shape, n, lora_rank, lora_targets)["total"] for n in lengths)
+
+
+def forward_flops(shape: DecoderShape, new: int, past: int, logits: int) -> int:
+    """Matmul FLOPs of one forward pass over `new` tokens of one row that attend to `past` cached ones as well:
+    the projections, QKᵀ and AV over (new) x (past + new) scores, lm_head on the `logits` positions that get
+    logits, and the rotary frequencies of the new positions."""
+    projections = sum(2 * new * i * o for group in GROUPS for i, o in map(shape.projection, group))
+    attention = 2 * 2 * shape.heads * new * (past + new) * shape.head_dim
+    return (
+        shape.layers * (projections + attention)
+        + 2 * logits * shape.hidden * shape.vocab
+        + shape.head_dim * new
+    )
+
+
+def generation_flops(shape: DecoderShape, prompt: int, new_tokens: int, rows: int) -> int:
+    """Matmul FLOPs of decoding `rows` rows (a batch's sentences x beams) whose prompts are `prompt` tokens long
+    (padding included: a padded position costs what a real one does) for `new_tokens` steps, as transformers'
+    generate runs it: one prefill over the prompt with logits for its last position only, then one token per row
+    per step over the growing cache. A sentence's own prompt length gives its useful FLOPs."""
+    prefill = forward_flops(shape, prompt, 0, 1)
+    steps = sum(forward_flops(shape, 1, prompt + t, 1) for t in range(new_tokens - 1))
+    return rows * (prefill + steps)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.flops import DecoderShape, sequence_flops, step_flops
+from benchmarks.flops import DecoderShape, generation_flops, sequence_flops, step_flops
 
 LORA_TARGETS = [("q_proj", "v_proj"), ("down_proj",), ("k_proj",), ("o_proj", "gate_proj", "up_proj")]
 
@@ -71,3 +71,27 @@ def test_a_step_sums_its_sequences_and_lora_needs_targets():
     assert step_flops(shape, [1, 1, 3]) == 2 * 290 + sequence_flops(shape, 3)["total"]
     with pytest.raises(ValueError, match="trains nothing"):
         sequence_flops(shape, 3, lora_rank=2)
+
+
+@pytest.mark.parametrize("beams, new_tokens", [(1, 4), (3, 5)])
+def test_generation_flops_equal_the_counter_on_generate(beams, new_tokens):
+    # A padded batch of 2 prompts of 7 positions, beam search, every row forced to new_tokens steps.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_llama().eval()
+    ids = torch.randint(3, 90, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding costs what a real position does
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            num_beams=beams,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    expected = generation_flops(DecoderShape.of(model.config), 7, new_tokens, 2 * beams)
+    assert counter.get_total_flops() == expected

@@ -210,16 +210,25 @@ def run_evaluate(
     systems: dict[str, list[str | None]] = {}
     counts = {"test_segments": len(tests)}
     e, cache = cfg.evaluate, ScoreCache(cache_path_for(cfg))
+    beams_of: dict[str, list[list[str] | None]] = {}
     for name, model, adapter in (("baseline", model_path, base_adapter), ("cpo", cpo_model, cpo_adapter)):
         n_best = e.candidates if name == "cpo" and e.decoding != "beam" else 0
-        systems[name], too_long, candidates = translate_test_sets(cfg, tests, model, adapter, name, n_best)
+        systems[name], too_long, beams_of[name] = translate_test_sets(
+            cfg, tests, model, adapter, name, n_best
+        )
         counts[f"{name}/prompt_too_long"] = too_long
     # Quality-aware decoding of the CPO model's candidates: mbr reports the QE-reranked row beside its own.
     modes = {"beam": [], "qe_rerank": ["qe_rerank"], "mbr": ["qe_rerank", "mbr"]}[e.decoding]
     for mode in modes:
         metric = e.qe_metric if mode == "qe_rerank" else e.mbr_utility
         chosen = rerank(
-            tests, candidates, mode, lambda lang, m=metric: make_scorer(cfg, m, lang), metric, cache, counts
+            tests,
+            beams_of["cpo"],
+            mode,
+            lambda lang, m=metric: make_scorer(cfg, m, lang),
+            metric,
+            cache,
+            counts,
         )
         systems[f"cpo+{mode}"] = [c if c is not None else "" for c in chosen]
     systems.update(imported_hypotheses(cfg, tests))

@@ -79,6 +79,27 @@ def translate_test_sets(
     return [h if h is not None else "" for h in hyps], sum(h is None for h in hyps), candidates
 
 
+def reranked_systems(
+    cfg: RunConfig,
+    tests: list[dict],
+    name: str,
+    beams: list[list[str] | None],
+    cache: ScoreCache,
+    counts: dict,
+) -> dict[str, list[str]]:
+    """evaluate.decoding's reranked systems of one model, `<name>+qe_rerank` (and `<name>+mbr` with mbr: its
+    candidates are reranked by QE too), from the model's beams (translate_test_sets' n best); none for beam."""
+    e = cfg.evaluate
+    out = {}
+    for mode in {"beam": [], "qe_rerank": ["qe_rerank"], "mbr": ["qe_rerank", "mbr"]}[e.decoding]:
+        metric = e.qe_metric if mode == "qe_rerank" else e.mbr_utility
+        chosen = rerank(
+            tests, beams, mode, lambda lang, m=metric: make_scorer(cfg, m, lang), metric, cache, counts
+        )
+        out[f"{name}+{mode}"] = [c if c is not None else "" for c in chosen]
+    return out
+
+
 def imported_hypotheses(cfg: RunConfig, tests: list[dict]) -> dict[str, list[str | None]]:
     """Outputs of other systems from files, aligned line by line with the test segments they translate."""
     out = {}
@@ -217,20 +238,7 @@ def run_evaluate(
             cfg, tests, model, adapter, name, n_best
         )
         counts[f"{name}/prompt_too_long"] = too_long
-    # Quality-aware decoding of the CPO model's candidates: mbr reports the QE-reranked row beside its own.
-    modes = {"beam": [], "qe_rerank": ["qe_rerank"], "mbr": ["qe_rerank", "mbr"]}[e.decoding]
-    for mode in modes:
-        metric = e.qe_metric if mode == "qe_rerank" else e.mbr_utility
-        chosen = rerank(
-            tests,
-            beams_of["cpo"],
-            mode,
-            lambda lang, m=metric: make_scorer(cfg, m, lang),
-            metric,
-            cache,
-            counts,
-        )
-        systems[f"cpo+{mode}"] = [c if c is not None else "" for c in chosen]
+    systems.update(reranked_systems(cfg, tests, "cpo", beams_of["cpo"], cache, counts))
     systems.update(imported_hypotheses(cfg, tests))
     comet = {m: (make_scorer(cfg, m, ""), cache) for m in e.metrics if m not in METRICS}
     results, hyp_rows, segment_rows = score_systems(tests, systems, comet, cfg.evaluate.bootstrap_samples)

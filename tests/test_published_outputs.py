@@ -131,12 +131,17 @@ def test_evaluate_cli_mixes_a_model_and_a_file(tmp_path, tiny_model_dir):
             f"ALMA-13B-R=file:{SAMPLE_DIR}/alma13br/{{xxyy}}/test.{{src}}-{{tgt}}.{{tgt}}",
             "--output",
             str(out),
+            "--decoding",
+            "mbr",
+            "--candidates",
+            "3",
         ]
     )
     assert code == 0
     rows = read_rows(out / "eval.parquet", EVAL_RESULTS)
+    systems = ("tiny", "tiny+qe_rerank", "tiny+mbr", "ALMA-13B-R")  # the model's beams reranked two ways
     assert {(r["system"], r["lp"], r["metric"]) for r in rows} == {
-        (s, lp, m) for s in ("tiny", "ALMA-13B-R") for lp in ("de-en", "en-de") for m in ("bleu", "chrf")
+        (s, lp, m) for s in systems for lp in ("de-en", "en-de") for m in ("bleu", "chrf")
     }
     assert all((r["p_value"] is None) == (r["system"] == "tiny") for r in rows)
     assert "| tiny |" in (out / "report.md").read_text()

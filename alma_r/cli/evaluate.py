@@ -41,6 +41,18 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-segments", type=int, help="only the first N segments per direction")
     p.add_argument("--bootstrap-samples", type=int, default=1000)
+    p.add_argument(
+        "--decoding",
+        choices=["beam", "qe_rerank", "mbr"],
+        default="beam",
+        help="qe_rerank / mbr: also each hf system's --candidates best beams reranked (systems NAME+qe_rerank, "
+        "NAME+mbr), as evaluate.decoding",
+    )
+    p.add_argument("--candidates", type=int, default=8, help="beams per prompt for --decoding qe_rerank/mbr")
+    p.add_argument("--qe-metric", default="consensus_chrf", help="qe_rerank's reference-free metric")
+    p.add_argument(
+        "--mbr-utility", default="chrf", help="mbr's utility: chrf, bleu or a reference-based COMET"
+    )
 
 
 def parse_system(value: str) -> tuple[str, str, dict]:
@@ -66,7 +78,7 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     from alma_r.data.readers import IngestError, read_aligned_text, read_lines, read_sacrebleu_test_set
     from alma_r.data.schemas import EVAL_RESULTS, HYPOTHESES, SCORES
     from alma_r.models.score.cache import ScoreCache
-    from alma_r.tasks.evaluate import score_systems, translate_test_sets
+    from alma_r.tasks.evaluate import reranked_systems, score_systems, translate_test_sets
     from alma_r.tasks.shared.report_sections import results_section
     from alma_r.tasks.shared.scoring import make_scorer
 
@@ -81,6 +93,10 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
                 "batch_size": args.batch_size,
                 "metrics": args.metrics,
                 "bootstrap_samples": args.bootstrap_samples,
+                "decoding": args.decoding,
+                "candidates": args.candidates,
+                "qe_metric": args.qe_metric,
+                "mbr_utility": args.mbr_utility,
             },
         }
     )
@@ -102,9 +118,14 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
             tests += read_sacrebleu_test_set(args.test_set, lp, max_lines=args.max_segments)
     systems: dict[str, list[str | None]] = {}
     specs = [parse_system(v) for v in args.system]
+    cache = ScoreCache(out / "_cache" / "scores.sqlite")
+    n_best = args.candidates if args.decoding != "beam" else 0
     for name, kind, spec in specs:
         if kind == "hf":
-            systems[name] = translate_test_sets(cfg, tests, spec["model"], spec["adapter"], name)[0]
+            systems[name], _, beams = translate_test_sets(
+                cfg, tests, spec["model"], spec["adapter"], name, n_best
+            )
+            systems.update(reranked_systems(cfg, tests, name, beams, cache, {}))
             continue
         hyps: list[str | None] = []
         for lp in args.lps:
@@ -121,7 +142,6 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     # The first system is the baseline of the significance tests.
     first = specs[0][0]
     ordered = {"baseline" if n == first else n: h for n, h in systems.items()}
-    cache = ScoreCache(out / "_cache" / "scores.sqlite")
     comet = {m: (make_scorer(cfg, m, ""), cache) for m in args.metrics if m not in ("bleu", "chrf")}
     results, hyp_rows, segment_rows = score_systems(tests, ordered, comet, args.bootstrap_samples)
     rename = lambda rows: [{**r, "system": first if r["system"] == "baseline" else r["system"]} for r in rows]  # noqa: E731

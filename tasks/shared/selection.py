@@ -153,7 +153,10 @@ def select_pairs(
             if not combos:
                 drop(seg, "margin_below_threshold", f"no candidate worse by >= {min_margin} ({pairs_mode})")
                 continue
-            pairs += [_pair(seg, texts, mean, c, r, 1 / len(combos)) for c, r in combos]
+            pairs += [
+                pair_row(seg, texts[(sid, c)], texts[(sid, r)], c, r, mean[c], mean[r], 1 / len(combos))
+                for c, r in combos
+            ]
             continue
         if labelled:
             chosen, worst = labelled
@@ -180,19 +183,15 @@ def select_pairs(
             drop(seg, "margin_below_threshold", f"{margin:.4f} < {min_margin}")
             continue
         pairs.append(
-            {
-                "prompt": make_prompt(seg["src"], seg["src_lang"], seg["tgt_lang"]),
-                "chosen": texts[(sid, chosen)],
-                "rejected": rejected_text,
-                "segment_id": sid,
-                "lp": seg["lp"],
-                "chosen_system": chosen,
-                "rejected_system": rejected_system,
-                "chosen_score": mean[chosen],
-                "rejected_score": rejected_score,
-                "margin": margin,
-                "weight": 1.0,
-            }
+            pair_row(
+                seg,
+                texts[(sid, chosen)],
+                rejected_text,
+                chosen,
+                rejected_system,
+                mean[chosen],
+                rejected_score,
+            )
         )
     return pairs, dropped
 
@@ -212,19 +211,28 @@ def pool_pairs(
     return [(c, r) for c, r in combos if mean[c] - mean[r] > 0 and mean[c] - mean[r] >= min_margin]
 
 
-def _pair(seg: dict, texts: dict, mean: dict[str, float], chosen: str, rejected: str, weight: float) -> dict:
-    sid = seg["id"]
+def pair_row(
+    seg: dict,
+    chosen_text: str,
+    rejected_text: str,
+    chosen_system: str,
+    rejected_system: str,
+    chosen_score: float,
+    rejected_score: float | None,
+    weight: float = 1.0,
+) -> dict:
+    """One PAIRS row; the margin is null where the rejected side has no score (a noised copy)."""
     return {
         "prompt": make_prompt(seg["src"], seg["src_lang"], seg["tgt_lang"]),
-        "chosen": texts[(sid, chosen)],
-        "rejected": texts[(sid, rejected)],
-        "segment_id": sid,
+        "chosen": chosen_text,
+        "rejected": rejected_text,
+        "segment_id": seg["id"],
         "lp": seg["lp"],
-        "chosen_system": chosen,
-        "rejected_system": rejected,
-        "chosen_score": mean[chosen],
-        "rejected_score": mean[rejected],
-        "margin": mean[chosen] - mean[rejected],
+        "chosen_system": chosen_system,
+        "rejected_system": rejected_system,
+        "chosen_score": chosen_score,
+        "rejected_score": rejected_score,
+        "margin": None if rejected_score is None else chosen_score - rejected_score,
         "weight": weight,
     }
 

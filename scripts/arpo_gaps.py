@@ -14,12 +14,9 @@ import math
 import tempfile
 from pathlib import Path
 
-import torch
-
 from alma_r.experiments import learning_check as lc
 from alma_r.models.loading import load_model, load_tokenizer
-from alma_r.models.train.batching import collate, tokenize_pairs
-from alma_r.models.train.logprobs import CompletionLogps
+from alma_r.models.train.batching import tokenize_pairs
 from alma_r.models.train.settings import TrainSettings
 
 
@@ -34,13 +31,9 @@ def main() -> None:
         result = lc.run_seed(variant, seed, sizes, Path(tmp), systems=("sft",))  # SFT, candidates, pairs
         tokenizer, model = load_tokenizer(str(result.sft_dir)), load_model(str(result.sft_dir))
         examples, _ = tokenize_pairs(tokenizer, result.pairs, 64, 128)
-        logps_of, gaps = CompletionLogps(model), []
-        with torch.no_grad(), lc.one_torch_thread():
-            for start in range(0, len(examples), 256):
-                chunk = examples[start : start + 256]
-                logps, n = logps_of(collate(chunk, tokenizer.pad_token_id, True, False))
-                k = len(chunk)
-                gaps += (logps[:k] / n[:k] - logps[k:] / n[k:]).abs().tolist()
+        with lc.one_torch_thread():
+            chosen, rejected, n_chosen, n_rejected = lc.pair_logps(model, tokenizer.pad_token_id, examples)
+    gaps = (chosen / n_chosen - rejected / n_rejected).abs().tolist()
     gaps.sort()
     scale, rate = defaults.arpo_scale, defaults.arpo_rate
     zero = math.log(1 / scale) / rate  # tau = 0 here

@@ -244,10 +244,6 @@ def train_preference(
     """One ablation row, trained from the SFT model on the same sources; returns the trained model, with
     `pair_margin_gain` set on it: how much training raised the mean log-prob margin (chosen - rejected) of its
     pairs (the preference term's own effect; the NLL term alone raises it much less)."""
-    return _train(sft_dir, pairs, run, sizes, seed, out_dir)
-
-
-def _train(sft_dir, pairs, run, sizes, seed, out_dir):
     loss_type, target, _ = RUNS[run]
     examples = [
         {"prompt": p["prompt"], "chosen": p[target], "rejected": p["rejected"], "weight": p["weight"]}
@@ -269,20 +265,28 @@ def _train(sft_dir, pairs, run, sizes, seed, out_dir):
     return recipe.model
 
 
-@torch.no_grad()
 def _mean_margin(recipe: CPORecipe) -> float:
     """Mean of log pi(chosen) - log pi(rejected) over the recipe's pairs (the summed log-probs of CPO's eq. 3),
     for every row, SFT ones included (their recipe never reads the rejected side)."""
-    model = recipe.model
-    model.eval()
-    scorer, total = CompletionLogps(model), 0.0
-    for start in range(0, len(recipe.examples), 256):
-        chunk = recipe.examples[start : start + 256]
-        batch = collate(chunk, recipe.tokenizer.pad_token_id, True, False, mask_dtype=torch.float32)
-        logps, _ = scorer(batch.to(recipe.device))
-        total += (logps[: len(chunk)] - logps[len(chunk) :]).sum().item()
-    model.train()
-    return total / len(recipe.examples)
+    recipe.model.eval()
+    chosen, rejected, _, _ = pair_logps(
+        recipe.model, recipe.tokenizer.pad_token_id, recipe.examples, recipe.device
+    )
+    recipe.model.train()
+    return (chosen - rejected).mean().item()
+
+
+@torch.no_grad()
+def pair_logps(model, pad_id: int, examples: list[dict], device="cpu", chunk: int = 256):
+    """Summed completion log-probs and token counts of tokenised pairs (tokenize_pairs' examples), both sides:
+    (chosen logps, rejected logps, chosen tokens, rejected tokens), each (n,)."""
+    logps_of, parts = CompletionLogps(model), []
+    for start in range(0, len(examples), chunk):
+        rows = examples[start : start + chunk]
+        logps, tokens = logps_of(collate(rows, pad_id, True, False, mask_dtype=torch.float32).to(device))
+        k = len(rows)
+        parts.append((logps[:k], logps[k:], tokens[:k], tokens[k:]))
+    return tuple(torch.cat(side) for side in zip(*parts, strict=True))
 
 
 def evaluate(model, tokenizer, segments: list[synthetic.Segment], sizes: Sizes) -> dict[str, float]:

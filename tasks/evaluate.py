@@ -22,7 +22,13 @@ from alma_r.models.score.scorers import corpus_score, sentence_scores
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 from alma_r.tasks.shared.quality_decoding import rerank
-from alma_r.tasks.shared.scoring import cache_path_for, make_scorer, resolved_records, score_items
+from alma_r.tasks.shared.scoring import (
+    LanguageScorers,
+    cache_path_for,
+    make_scorer,
+    resolved_records,
+    score_items,
+)
 
 METRICS = ("bleu", "chrf")
 
@@ -93,9 +99,7 @@ def reranked_systems(
     out = {}
     for mode in {"beam": [], "qe_rerank": ["qe_rerank"], "mbr": ["qe_rerank", "mbr"]}[e.decoding]:
         metric = e.qe_metric if mode == "qe_rerank" else e.mbr_utility
-        chosen = rerank(
-            tests, beams, mode, lambda lang, m=metric: make_scorer(cfg, m, lang), metric, cache, counts
-        )
+        chosen = rerank(tests, beams, mode, LanguageScorers(cfg, metric), metric, cache, counts)
         out[f"{name}+{mode}"] = [c if c is not None else "" for c in chosen]
     return out
 

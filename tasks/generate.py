@@ -39,7 +39,7 @@ from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_k
 from alma_r.tasks.shared.candidates import write_candidates
 from alma_r.tasks.shared.imported_translations import file_translations, ingested_translations
 from alma_r.tasks.shared.quality_decoding import rerank
-from alma_r.tasks.shared.scoring import cache_path_for, make_scorer
+from alma_r.tasks.shared.scoring import LanguageScorers, cache_path_for
 
 
 def preference_sources(segments: list[dict], max_per_lp: int | None) -> list[dict]:
@@ -411,15 +411,8 @@ def reranked(
 ) -> list[list[str]]:
     """Each source's n samples reduced to one by QE reranking or MBR (tasks/shared/quality_decoding.py)."""
     metric = system.reranking_metric()
-    chosen = rerank(
-        sources,
-        outs,
-        system.rerank,
-        lambda lang: make_scorer(cfg, metric, lang),
-        metric,
-        ScoreCache(cache_path_for(cfg)),
-        counts,
-    )
+    scorer_for, cache = LanguageScorers(cfg, metric), ScoreCache(cache_path_for(cfg))
+    chosen = rerank(sources, outs, system.rerank, scorer_for, metric, cache, counts)
     return [[c] for c in chosen]
 
 

@@ -20,10 +20,10 @@ from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 from alma_r.tasks.shared.candidates import candidate_paths
 from alma_r.tasks.shared.scoring import (
+    LanguageScorers,
     PublishedScores,
     ScoringError,
     cache_path_for,
-    make_scorer,
     resolved_records,
     score_items,
 )
@@ -78,7 +78,7 @@ def run_score(
     carried = PublishedScores(published, ingested) if any(map(published_name, cfg.score.metrics)) else None
     outputs, counts, used = {}, {}, []
     for metric in cfg.score.metrics:
-        rows, scorers = [], {}
+        rows, scorer_for = [], LanguageScorers(cfg, metric)
         by_lang: dict[str, list] = defaultdict(list)
         for segment_id in sorted(texts, key=order.__getitem__):
             seg = segments[segment_id]
@@ -89,12 +89,8 @@ def run_score(
             if carried is not None and published_name(metric):
                 rows += carried.rows(metric, items, counts)
                 continue
-            # BLEU's tokenizer depends on the target language; a model-based scorer is loaded once.
-            which = lang if metric == "bleu" else "*"
-            if which not in scorers:
-                scorers[which] = make_scorer(cfg, metric, lang)
-            rows += score_items(scorers[which], metric, items, cache, counts)
-        used += scorers.values()
+            rows += score_items(scorer_for(lang), metric, items, cache, counts)
+        used += scorer_for.made.values()
         position = {(s, system): i for s in texts for i, system in enumerate(texts[s])}
         rows.sort(key=lambda r: (order[r["segment_id"]], position[r["segment_id"], r["system"]]))
         outputs[f"scores/{metric}"] = write_table(rows, out_dir / "scores" / f"{metric}.parquet", SCORES)

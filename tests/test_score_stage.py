@@ -275,12 +275,12 @@ def published_tables(tmp_path, scores=PUBLISHED, texts=INGESTED):
 
 def test_published_metrics_are_read_from_ingest_not_computed(inputs, tmp_path, monkeypatch):
     from alma_r.config import RunConfig
-    from alma_r.tasks import score as score_stage
+    from alma_r.tasks.shared import scoring
 
     def no_model(*args):
         raise AssertionError("a published metric ran a scorer")
 
-    monkeypatch.setattr(score_stage, "make_scorer", no_model)
+    monkeypatch.setattr(scoring, "make_scorer", no_model)  # where the stage's LanguageScorers builds them
     segments, candidates = inputs
     published, ingested = published_tables(tmp_path)
     cfg = RunConfig.model_validate(PUBLISHED_CFG)

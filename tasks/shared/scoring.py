@@ -46,6 +46,20 @@ def make_scorer(cfg: RunConfig, metric: str, tgt_lang: str):
     return CometScorer(model, **options)
 
 
+class LanguageScorers:
+    """One metric's scorer per target language, each built on first use: BLEU's tokenizer depends on the target
+    language, every other scorer (chrF, consensus chrF, a COMET model) is built once for all of them."""
+
+    def __init__(self, cfg: RunConfig, metric: str):
+        self.cfg, self.metric, self.made = cfg, metric, {}
+
+    def __call__(self, tgt_lang: str):
+        which = tgt_lang if self.metric == "bleu" else "*"
+        if which not in self.made:
+            self.made[which] = make_scorer(self.cfg, self.metric, tgt_lang)
+        return self.made[which]
+
+
 def resolved_records(scorers) -> list[dict]:
     """The Hub snapshots the scorers' COMET checkpoints came from (id, revision, commit), for a stage's counts
     (`resolved`, collected into run.json's `hub`); string metrics and local checkpoints have none."""

@@ -56,19 +56,9 @@ def translate_test_sets(
     for lp, idx in by_lp.items():
         prompts = [make_prompt(tests[i]["src"], tests[i]["src_lang"], tests[i]["tgt_lang"]) for i in idx]
         limit = e.max_prompt_tokens_by_lp.get(lp, e.max_prompt_tokens)
-        outs = generate_translations(
-            model,
-            tokenizer,
-            prompts,
-            decoding,
-            e.batch_size,
-            limit,
-            seed=cfg.run.seed,
-            desc=f"evaluate {name} {lp}",
-        )
-        for i, out in zip(idx, outs, strict=True):
-            hyps[i] = out
         if n_best:
+            # Beam search's best of the n is the beam output itself when n <= num_beams (the same search):
+            # one pass gives both; more candidates than beams need a wider search of their own.
             n_outs = generate_n_best(
                 model,
                 tokenizer,
@@ -82,6 +72,21 @@ def translate_test_sets(
             )
             for i, out in zip(idx, n_outs, strict=True):
                 candidates[i] = out
+        if n_best and n_best <= e.num_beams:
+            outs = [None if c is None else c[0] for c in n_outs]
+        else:
+            outs = generate_translations(
+                model,
+                tokenizer,
+                prompts,
+                decoding,
+                e.batch_size,
+                limit,
+                seed=cfg.run.seed,
+                desc=f"evaluate {name} {lp}",
+            )
+        for i, out in zip(idx, outs, strict=True):
+            hyps[i] = out
     return [h if h is not None else "" for h in hyps], sum(h is None for h in hyps), candidates
 
 

@@ -168,3 +168,19 @@ def test_flow_with_arpo_best_vs_all_and_mbr(tmp_path, prefect_harness):
     assert "## Selection metrics vs held-out metrics" in report and "held-out metrics" in report
     systems = {r["system"] for r in pq.read_table(run_dir / "evaluate" / "eval.parquet").to_pylist()}
     assert {"cpo", "cpo+qe_rerank", "cpo+mbr"} <= systems
+
+
+def test_n_best_within_the_beam_width_is_one_search_giving_the_beam_output(tiny_model_dir, tmp_path):
+    # candidates <= num_beams: the beam output is read off the n best (one search); it must be what the plain
+    # beam search gives, and the first of the candidates.
+    from alma_r.tasks.evaluate import translate_test_sets
+
+    cfg = load_config(
+        None, ["evaluate.num_beams=3", "evaluate.max_new_tokens=8", f"run.root={tmp_path / 'runs'}"]
+    )
+    tests = [
+        SEGMENT | {"id": f"s{i}", "src": src} for i, src in enumerate(["Der Hund schläft.", "Guten Tag."])
+    ]
+    plain, _, none = translate_test_sets(cfg, tests, str(tiny_model_dir), None, "cpo")
+    hyps, _, beams = translate_test_sets(cfg, tests, str(tiny_model_dir), None, "cpo", n_best=3)
+    assert none == [None, None] and hyps == plain == [b[0] for b in beams] and all(len(b) == 3 for b in beams)

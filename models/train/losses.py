@@ -20,9 +20,10 @@ utils/cpo_trainer.py, `relax_cofficient_1/2`, defaults 0.9 and 0.4); the paper's
 this workspace, and its coefficient (reported as eta = 1.5 in the repository's issue #82) is not confirmed here.
 tau = 1 (arpo_scale 2, arpo_rate 0) is CPO exactly. With arpo_scale < 1, tau is negative below a gap of
 ln(1/arpo_scale)/arpo_rate (0.26 nats per token at 0.9 and 0.4): the rejected side of a near-identical pair is
-then pulled up a little, towards its chosen twin, as in the authors' code. Unlike the authors' code, tau is DETACHED: it is a per-pair
-weight on the rejection, read off the current policy; with gradients through it the loss could be lowered by
-moving the pair's length-averaged log-probs apart (a larger tau lowers the loss), a term the method never states.
+then pulled up a little, towards its chosen twin, as in the authors' code. Unlike the authors' code, tau is
+DETACHED: it is a per-pair weight on the rejection, read off the current policy; with gradients through it the
+loss could be lowered by moving the pair's length-averaged log-probs apart (a larger tau lowers the loss), a term
+the method never states.
 """
 
 from __future__ import annotations

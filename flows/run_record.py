@@ -10,7 +10,7 @@ import datetime as dt
 from pathlib import Path
 
 from alma_r import __version__
-from alma_r.data.io import write_json_atomic
+from alma_r.data.files import write_json_atomic
 from alma_r.tasks.runtime.failures import classify
 from alma_r.tasks.runtime.stage import StageResult, code_version
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from alma_r.data.io import write_json_atomic
+from alma_r.data.files import write_json_atomic
 
 ENV = "ALMA_R_PROGRESS"  # the progress file of the Prefect artifact, set by the stage runner
 INTERVAL_ENV = "ALMA_R_PROGRESS_INTERVAL"  # seconds between plain lines when stderr is not a TTY; "off": none

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from alma_r.data.io import save_dir_atomic
+from alma_r.data.files import save_dir_atomic
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from alma_r.config import RunConfig
-from alma_r.data.io import read_rows, save_dir_atomic, write_text_atomic
+from alma_r.data.files import save_dir_atomic, write_text_atomic
+from alma_r.data.io import read_rows
 from alma_r.data.schemas import EVAL_RESULTS, HYPOTHESES, SCORES
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key

@@ -15,7 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from alma_r.config import RunConfig
-from alma_r.data.io import read_rows, save_figure_atomic, write_json_atomic, write_table
+from alma_r.data.files import save_figure_atomic, write_json_atomic
+from alma_r.data.io import read_rows, write_table
 from alma_r.data.schemas import CANDIDATES, DROPPED, HUMAN_PREFERENCES, PAIRS, REFERENCE, SCORES, SEGMENTS
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key

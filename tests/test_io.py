@@ -1,4 +1,5 @@
-"""Parquet I/O against the data contracts (data/io.py, data/schemas.py): validation and atomic writes."""
+"""Parquet I/O against the data contracts (data/io.py, data/schemas.py): validation and atomic writes
+(data/files.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alma_r.data import io
-from alma_r.data.io import SchemaError, read_rows, read_table, to_table, write_json_atomic, write_table
+from alma_r.data import files
+from alma_r.data.files import write_json_atomic
+from alma_r.data.io import SchemaError, read_rows, read_table, to_table, write_table
 from alma_r.data.schemas import ALL, DROPPED, EVAL_RESULTS, SCORES, SEGMENTS, required_columns
 
 
@@ -280,7 +282,7 @@ def test_failed_json_write_leaves_no_target_and_no_temp_file(tmp_path, monkeypat
     def boom(*args, **kwargs):
         raise Boom("fsync failed")
 
-    monkeypatch.setattr(io.os, "fsync", boom)
+    monkeypatch.setattr(files.os, "fsync", boom)
     with pytest.raises(Boom):
         write_json_atomic(target, {"a": 1})
     assert list(tmp_path.iterdir()) == []

@@ -74,7 +74,8 @@ def parse_system(value: str) -> tuple[str, str, dict]:
 
 def run_evaluate_cli(args: argparse.Namespace) -> int:
     from alma_r.config import RunConfig
-    from alma_r.data.io import write_table, write_text_atomic
+    from alma_r.data.files import write_text_atomic
+    from alma_r.data.io import write_table
     from alma_r.data.readers import IngestError, read_aligned_text, read_lines, read_sacrebleu_test_set
     from alma_r.data.schemas import EVAL_RESULTS, HYPOTHESES, SCORES
     from alma_r.models.score.cache import ScoreCache

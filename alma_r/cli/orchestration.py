@@ -70,7 +70,7 @@ def stage_records(storage: Path) -> list[Path]:
 
 def superseded_folders(runs: Path) -> list[Path]:
     """What runs under `runs` set aside when a stage's key changed (tasks/runtime/stage.py::set_aside)."""
-    from alma_r.data.io import SUPERSEDED
+    from alma_r.data.files import SUPERSEDED
 
     return sorted(p for p in runs.glob(f"**/{SUPERSEDED}/*") if p.is_dir())
 

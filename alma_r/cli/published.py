@@ -33,7 +33,8 @@ def add_published_parser(sub) -> None:
 
 
 def run_published_cli(args: argparse.Namespace) -> int:
-    from alma_r.data.io import write_json_atomic, write_table
+    from alma_r.data.files import write_json_atomic
+    from alma_r.data.io import write_table
     from alma_r.data.published import DELTA_PREFERS, SYSTEMS, from_published, load_published
     from alma_r.data.schemas import DROPPED, PAIRS, REFERENCE
     from alma_r.tasks.shared.selection import select_pairs, selection_stats

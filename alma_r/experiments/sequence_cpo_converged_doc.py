@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alma_r.data.io import write_text_atomic
+from alma_r.data.files import write_text_atomic
 from alma_r.experiments.learning_check_doc import machine
 from alma_r.experiments.sequence_cpo_report import COLUMNS as CHECK_COLUMNS
 from alma_r.experiments.sequence_cpo_report import LABELS as CHECK_LABELS

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 
-from alma_r.data.io import write_json_atomic, write_text_atomic
+from alma_r.data.files import write_json_atomic, write_text_atomic
 from alma_r.models.generate.openai_backend import EndpointConfig, complete_via_endpoint
 
 # Paper 003, Section 5 "Evaluation", the query template for Dolly instruction following, verbatim (the paper's

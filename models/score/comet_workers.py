@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from alma_r.data.io import write_text_atomic
+from alma_r.data.files import write_text_atomic
 from alma_r.models.score.comet_scorer import CometResult, CometScorer
 
 

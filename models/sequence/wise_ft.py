@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from alma_r.data.io import save_dir_atomic
+from alma_r.data.files import save_dir_atomic
 from alma_r.models.loading import load_model, load_tokenizer
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alma_r.data.digests import json_sha256
-from alma_r.data.io import SUPERSEDED
+from alma_r.data.files import SUPERSEDED
 from alma_r.models.result_fields import flat_settings
 
 TRAINER_STATE = "trainer_state.pt"

@@ -1,8 +1,14 @@
 """Per-sequence completion log-probs without materialising [tokens x vocab] logits for the batch.
 
 The decoder runs once over the batch; the lm_head and a float32 log-softmax are applied only at the positions
-that predict completion tokens, in chunks, each recomputed in backward (activation checkpointing), so that at
-most one chunk of logits is alive at a time.
+that predict completion tokens, a chunk of positions at a time, so that at most one chunk of logits is alive.
+
+A plain bias-free Linear head (LLaMA's, Mistral's, Qwen's) takes `TokenLogps`, which writes the log-softmax's
+gradient itself: d log p(t) / d logits = onehot(t) - softmax, formed in place over the chunk's float32 logits.
+A frozen head (LoRA) then needs nothing of the logits after its forward: the gradient with respect to the hidden
+state is computed there, one matmul, and backward only scales it. A trained head recomputes the chunk's logits
+in backward for its weight gradient. Any other head (a LoRA-adapted or sharded one, a head with a bias) is
+called as a module, each chunk recomputed in backward by activation checkpointing.
 """
 
 from __future__ import annotations
@@ -43,6 +49,86 @@ def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
     return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N_chunk,)
 
 
+def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(logits)[target] (N,), softmax(logits) - onehot(target) (N, V) float32), the latter being
+    -d log p / d logits. Formed in place in one float32 buffer: the passes a log_softmax, its gather and their
+    backward would each make over [N x V] are one cast, one exp and one division here."""
+    p = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    target_logit = p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    peak = p.amax(-1, keepdim=True)
+    p.sub_(peak).exp_()
+    total = p.sum(-1, keepdim=True)
+    p.div_(total)
+    token_logps = target_logit - peak.squeeze(-1) - total.squeeze(-1).log()
+    p.scatter_add_(-1, targets.unsqueeze(-1), p.new_full((targets.shape[0], 1), -1.0))
+    return token_logps, p
+
+
+class TokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] per row, a chunk of rows at a time (see the module docstring).
+
+    `compute_dtype` is the matmuls' dtype (autocast's when it is on, as the head module would compute); the
+    log-softmax is float32 always. Returns float32 (N,)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, compute_dtype: torch.dtype):
+        w = weight.to(compute_dtype)
+        ctx.frozen_head = frozen = not ctx.needs_input_grad[1]
+        ctx.chunk_size, ctx.compute_dtype, ctx.hidden_dtype = chunk_size, compute_dtype, hidden.dtype
+        unit = None  # frozen head: d log p / d hidden = -(softmax - onehot) @ W, computed here, once
+        if frozen and ctx.needs_input_grad[0]:
+            unit = hidden.new_empty(hidden.shape, dtype=compute_dtype)
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logps, p = _softmax_minus_onehot(hidden[start:end].to(compute_dtype) @ w.t(), targets[start:end])
+            out[start:end] = logps
+            if unit is not None:
+                torch.matmul(p.to(compute_dtype), w, out=unit[start:end])
+                unit[start:end].neg_()
+            del p
+        if frozen:
+            ctx.save_for_backward(unit)
+        else:
+            ctx.save_for_backward(hidden, weight, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        scale = grad_out.unsqueeze(-1)
+        if ctx.frozen_head:
+            (unit,) = ctx.saved_tensors
+            grad_hidden = None if unit is None else (unit * scale).to(ctx.hidden_dtype)
+            return grad_hidden, None, None, None, None
+        hidden, weight, targets = ctx.saved_tensors
+        dt = ctx.compute_dtype
+        w = weight.to(dt)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            h = hidden[start:end].to(dt)
+            _, p = _softmax_minus_onehot(h @ w.t(), targets[start:end])
+            g = p.mul_(scale[start:end].neg()).to(dt)  # d loss / d logits, in the matmuls' dtype
+            del p
+            if grad_hidden is not None:
+                grad_hidden[start:end] = g @ w
+            grad_weight += g.t() @ h  # the matmul in compute dtype, accumulated in float32
+            del g
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def plain_linear_weight(lm_head: torch.nn.Module) -> torch.Tensor | None:
+    """The head's weight when the head is exactly a bias-free nn.Linear holding it whole (not a LoRA layer, not a
+    ZeRO-3 or FSDP shard): only then may TokenLogps multiply by it directly."""
+    if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None:
+        return None
+    w = lm_head.weight
+    if w.dim() != 2 or w.shape != (lm_head.out_features, lm_head.in_features) or hasattr(w, "ds_id"):
+        return None
+    return w
+
+
 class CompletionLogps(torch.nn.Module):
     """Wraps a causal LM so that forward returns per-sequence completion log-probs.
 
@@ -66,19 +152,28 @@ class CompletionLogps(torch.nn.Module):
             use_cache=False,
         ).last_hidden_state  # (R, T, H)
         states = hidden[batch.rows, batch.positions]  # (N, H)
-        pieces = []
-        for start in range(0, states.shape[0], self.chunk_size):
-            h, t = states[start : start + self.chunk_size], batch.targets[start : start + self.chunk_size]
-            if torch.is_grad_enabled() and h.requires_grad:
-                pieces.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
-            else:
-                pieces.append(_chunk_logps(lm_head, h, t))
-        token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+        token_logps = self._token_logps(lm_head, states, batch.targets)
         sums = torch.zeros(batch.n_seqs, dtype=torch.float32, device=states.device).index_add(
             0, batch.seq, token_logps
         )
         counts = torch.bincount(batch.seq, minlength=batch.n_seqs)
         return sums, counts
+
+    def _token_logps(self, lm_head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        weight = plain_linear_weight(lm_head)
+        if weight is not None:
+            device = states.device.type
+            on = torch.is_autocast_enabled(device)
+            dtype = torch.get_autocast_dtype(device) if on else weight.dtype
+            return TokenLogps.apply(states, weight, targets, self.chunk_size, dtype)
+        pieces = []
+        for start in range(0, states.shape[0], self.chunk_size):
+            h, t = states[start : start + self.chunk_size], targets[start : start + self.chunk_size]
+            if torch.is_grad_enabled() and h.requires_grad:
+                pieces.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
+            else:
+                pieces.append(_chunk_logps(lm_head, h, t))
+        return torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
 
 
 def completion_logps(

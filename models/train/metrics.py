@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alma_r.data.io import save_figure_atomic
+from alma_r.data.files import save_figure_atomic
 
 # Sums over one optimizer step's micro-batches (and processes), divided by its pair count when logged.
 STEP_TOTALS = ("loss", "preference", "nll", "chosen", "rejected", "acc", "logp_c", "logp_r")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from alma_r.data.io import save_dir_atomic, write_json_atomic, write_text_atomic
+from alma_r.data.files import save_dir_atomic, write_json_atomic, write_text_atomic
 from alma_r.models import progress
 from alma_r.models.loading import add_lora, disable_dropout, load_model, load_tokenizer, model_identity
 from alma_r.models.train import checkpoints

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from alma_r.data.digests import file_sha256, json_sha256
-from alma_r.data.io import SUPERSEDED, write_json_atomic
+from alma_r.data.files import SUPERSEDED, write_json_atomic
 from alma_r.models.result_fields import Fingerprint, flat_settings
 
 COMPLETE = "_COMPLETE.json"

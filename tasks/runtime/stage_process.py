@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from alma_r.config import config_from_json
-from alma_r.data.io import write_json_atomic
+from alma_r.data.files import write_json_atomic
 from alma_r.tasks.runtime.failures import classify
 from alma_r.tasks.runtime.stage import StageResult
 

@@ -17,7 +17,8 @@ import math
 from pathlib import Path
 
 from alma_r.config.sequence import SequenceRunConfig
-from alma_r.data.io import write_json_atomic, write_table
+from alma_r.data.files import write_json_atomic
+from alma_r.data.io import write_table
 from alma_r.data.schemas import CANDIDATES
 from alma_r.models.loading import load_model, load_tokenizer, pick_device
 from alma_r.models.sequence.metrics import (

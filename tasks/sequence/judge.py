@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from alma_r.config.sequence import SequenceRunConfig
-from alma_r.data.io import read_rows, write_json_atomic
+from alma_r.data.files import write_json_atomic
+from alma_r.data.io import read_rows
 from alma_r.data.schemas import CANDIDATES, INSTRUCTIONS
 from alma_r.models.evaluate.judge import (
     JudgeConfig,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from alma_r.config.sequence import SequenceRunConfig
-from alma_r.data.io import write_text_atomic
+from alma_r.data.files import write_text_atomic
 from alma_r.tasks.runtime.prefect_stage import stage_task
 from alma_r.tasks.runtime.stage import StageKey, StageResult, run_stage, stage_key
 

@@ -41,7 +41,7 @@ def pinned_config(cfg: RunConfig, items: list[Item]) -> dict:
 def write_pinned_config(cfg: RunConfig, items: list[Item], path: Path, origin: str) -> Path:
     """pinned_config as YAML at `path` (atomically). Relative paths in it resolve against its own folder, as in
     any config: write it beside the original when the original names files by relative path."""
-    from alma_r.data.io import write_text_atomic
+    from alma_r.data.files import write_text_atomic
 
     header = (
         f"# {origin} with every Hub revision pinned to the commit `alma-r download` resolved it to.\n"

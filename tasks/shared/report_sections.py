@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alma_r.data.io import save_figure_atomic
+from alma_r.data.files import save_figure_atomic
 
 
 def significance_mark(result: dict, baseline: dict | None) -> str:

@@ -103,6 +103,9 @@ class SequenceCPOHyperparameters(_Settings):
     lora: LoraSettings = TrainSettings.model_fields["lora"]
     disable_dropout: bool = TrainSettings.model_fields["disable_dropout"]
     gradient_checkpointing: bool = TrainSettings.model_fields["gradient_checkpointing"]
+    activation_recompute: Literal["auto", "off", "elementwise"] = TrainSettings.model_fields[
+        "activation_recompute"
+    ]
     mixed_precision: Literal["no", "bf16"] = TrainSettings.model_fields["mixed_precision"]
     save_steps: int = TrainSettings.model_fields["save_steps"]
 

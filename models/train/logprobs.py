@@ -49,11 +49,14 @@ def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
     return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N_chunk,)
 
 
-def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log softmax(logits)[target] (N,), softmax(logits) - onehot(target) (N, V) float32), the latter being
-    -d log p / d logits. Formed in place in one float32 buffer: the passes a log_softmax, its gather and their
-    backward would each make over [N x V] are one cast, one exp and one division here."""
-    p = logits.float() if logits.dtype != torch.float32 else logits.clone()
+def _softmax_minus_onehot(
+    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(logits)[target] (N,) float32, (softmax(logits) - onehot(target)) * scale (N, V)), the latter
+    being -d log p / d logits (scaled per row when `scale` (N, 1) is given), formed in float32 and returned in
+    `logits`' own buffer, which it overwrites: the passes a log_softmax, its gather and their backward would each
+    make over [N x V] are one cast, one exp and one division here, and a chunk needs one float32 buffer at most."""
+    p = logits if logits.dtype == torch.float32 else logits.float()
     target_logit = p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     peak = p.amax(-1, keepdim=True)
     p.sub_(peak).exp_()
@@ -61,7 +64,11 @@ def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> tuple[
     p.div_(total)
     token_logps = target_logit - peak.squeeze(-1) - total.squeeze(-1).log()
     p.scatter_add_(-1, targets.unsqueeze(-1), p.new_full((targets.shape[0], 1), -1.0))
-    return token_logps, p
+    if scale is not None:
+        p.mul_(scale)
+    if p is not logits:
+        logits.copy_(p)  # into the matmuls' dtype
+    return token_logps, logits
 
 
 class TokenLogps(torch.autograd.Function):
@@ -81,12 +88,12 @@ class TokenLogps(torch.autograd.Function):
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
-            logps, p = _softmax_minus_onehot(hidden[start:end].to(compute_dtype) @ w.t(), targets[start:end])
+            logps, g = _softmax_minus_onehot(hidden[start:end].to(compute_dtype) @ w.t(), targets[start:end])
             out[start:end] = logps
             if unit is not None:
-                torch.matmul(p.to(compute_dtype), w, out=unit[start:end])
+                torch.matmul(g, w, out=unit[start:end])
                 unit[start:end].neg_()
-            del p
+            del g
         if frozen:
             ctx.save_for_backward(unit)
         else:
@@ -108,12 +115,15 @@ class TokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             h = hidden[start:end].to(dt)
-            _, p = _softmax_minus_onehot(h @ w.t(), targets[start:end])
-            g = p.mul_(scale[start:end].neg()).to(dt)  # d loss / d logits, in the matmuls' dtype
-            del p
+            _, g = _softmax_minus_onehot(
+                h @ w.t(), targets[start:end], scale[start:end].neg()
+            )  # d loss / d logits
             if grad_hidden is not None:
                 grad_hidden[start:end] = g @ w
-            grad_weight += g.t() @ h  # the matmul in compute dtype, accumulated in float32
+            if dt == grad_weight.dtype:
+                grad_weight.addmm_(g.t(), h)
+            else:  # the matmul in the compute dtype, accumulated in float32
+                grad_weight += g.t() @ h
             del g
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 

@@ -94,6 +94,13 @@ class TrainSettings(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, more compute."
     )
+    activation_recompute: Literal["auto", "off", "elementwise"] = Field(
+        "auto",
+        description="elementwise: keep each decoder layer's matmul and attention outputs and recompute its "
+        "elementwise ops (norms, rotary, SiLU) in backward: same values, less memory; auto: elementwise with "
+        "finetune full, off with LoRA (where it saves no memory); gradient_checkpointing overrides it.",
+        json_schema_extra=NOT_A_RESULT,
+    )
     mixed_precision: Literal["no", "bf16"] = Field(
         "no",
         description="bf16 autocast; log-softmax stays float32.",
@@ -163,7 +170,7 @@ class TrainSettings(BaseModel):
         json_schema_extra=NOT_A_RESULT,
     )
     logits_chunk_size: int = Field(
-        1024,
+        256,
         ge=1,
         description="Completion positions projected to the vocabulary at a time: bounds the memory of the "
         "log-softmax, never changes its value.",

@@ -174,17 +174,20 @@ def flops_per_step(model_path: Path, examples: list[dict], order: list[list[int]
 def token_counts(model_path: Path, pairs: list[dict], order: list[list[int]]) -> dict:
     """Per step: the real tokens of both sequences of each pair (prompt counted twice, as in a plain layout), and
     the padded tokens each engine's layout pushes through the decoder (ours: one row per pair holding prompt +
-    chosen + rejected; TRL: two rows per pair, chosen and rejected, each with the prompt)."""
+    chosen + rejected, padded to a multiple of pad_to_multiple_of; TRL: two rows per pair, chosen and rejected,
+    each with the prompt)."""
     from alma_r.models.loading import load_tokenizer
     from alma_r.models.train.batching import tokenize_pairs
+    from alma_r.models.train.settings import TrainSettings
 
     ex, _ = tokenize_pairs(load_tokenizer(str(model_path)), pairs, MAX_PROMPT_LENGTH, MAX_LENGTH, "trl")
+    multiple = TrainSettings().pad_to_multiple_of  # our engine's rows: padded to a multiple of this
     real, ours, trl = [], [], []
     for idx in order:
         batch = [ex[i] for i in idx]
         lens = [(len(e["chosen_prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])) for e in batch]
         real.append(sum(2 * p + c + r for p, c, r in lens))
-        ours.append(len(batch) * max(p + c + r for p, c, r in lens))
+        ours.append(len(batch) * -(-max(p + c + r for p, c, r in lens) // multiple) * multiple)
         trl.append(2 * len(batch) * max(p + max(c, r) for p, c, r in lens))
     return {"real": real, "padded_ours": ours, "padded_trl": trl, "examples": ex}
 

@@ -167,13 +167,21 @@ def test_new_lora_only_for_finetune_lora_without_a_continued_adapter():
 
 def test_fingerprint_covers_the_maths_and_the_run_context_only():
     base = TrainSettings()
-    assert set(non_result_fields(TrainSettings)) == {"save_steps", "logging_steps", "logits_chunk_size"}
+    assert set(non_result_fields(TrainSettings)) == {
+        "save_steps",
+        "logging_steps",
+        "logits_chunk_size",
+        "pad_to_multiple_of",
+        "activation_recompute",
+    }
     assert not (NOT_IN_CHECKPOINT | set(non_result_fields(TrainSettings))) & set(base.identity())
     for name, value in {
         "save_steps": 7,
         "logging_steps": 3,
         "save_merged": True,
         "logits_chunk_size": 8,
+        "pad_to_multiple_of": 1,
+        "activation_recompute": "elementwise",
     }.items():
         assert TrainSettings(**{name: value}).identity(seed=1) == base.identity(seed=1), name
     assert TrainSettings(beta=0.2).identity(seed=1) != base.identity(seed=1)

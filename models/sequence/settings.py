@@ -103,9 +103,6 @@ class SequenceCPOHyperparameters(_Settings):
     lora: LoraSettings = TrainSettings.model_fields["lora"]
     disable_dropout: bool = TrainSettings.model_fields["disable_dropout"]
     gradient_checkpointing: bool = TrainSettings.model_fields["gradient_checkpointing"]
-    activation_recompute: Literal["auto", "off", "elementwise"] = TrainSettings.model_fields[
-        "activation_recompute"
-    ]
     mixed_precision: Literal["no", "bf16"] = TrainSettings.model_fields["mixed_precision"]
     save_steps: int = TrainSettings.model_fields["save_steps"]
 
@@ -143,8 +140,12 @@ class SequenceCPOSettings(SequenceCPOHyperparameters):
     the recipe beside these settings."""
 
     negatives: NegativeMix = Field(default_factory=NegativeMix)
-    # The CPO recipe's field (default, bound, description): the same log-probability code reads it.
+    # The CPO recipe's fields (default, bound, description) that change no result: the same code reads them.
     logits_chunk_size: int = TrainSettings.model_fields["logits_chunk_size"]
+    pad_to_multiple_of: int = TrainSettings.model_fields["pad_to_multiple_of"]
+    activation_recompute: Literal["auto", "off", "elementwise"] = TrainSettings.model_fields[
+        "activation_recompute"
+    ]
 
     # What the CPO engine's recipe (models/train/recipe.py), which SequenceCPORecipe extends, reads beside the
     # fields: the sequence recipe micro-batches within a step itself, and packs no chosen/rejected prompt.

@@ -233,7 +233,12 @@ class SequenceCPORecipe(CPORecipe):
             for i, row in zip(indices, completions, strict=True)
             for seq in row
         ]
-        batch = collate(flat, self.tokenizer.pad_token_id, with_rejected=False).to(self.device)
+        batch = collate(
+            flat,
+            self.tokenizer.pad_token_id,
+            with_rejected=False,
+            pad_to_multiple_of=self.s.pad_to_multiple_of,
+        ).to(self.device)
         with self._autocast():
             logps, _ = module(batch)  # (b*K,)
         return logps.view(len(indices), K)

@@ -84,12 +84,14 @@ def collate(
     shared_prompt: bool = False,
     mask_dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    pad_to_multiple_of: int = 1,
 ) -> PackedBatch:
     """Lay a micro-batch out for one decoder pass. Sequences 0..B-1 are the chosen sides, B..2B-1 the rejected.
 
     Plain layout: 2B right-padded rows (prompt + completion), a 2D mask. Shared-prompt layout (when every pair's
     two prompts are identical): B rows of prompt + chosen + rejected, where rejected tokens see the prompt and
     themselves but not the chosen tokens, and continue the prompt's positions: the prompt is encoded once.
+    Rows are padded to a multiple of `pad_to_multiple_of` tokens (masked: no value changes but for rounding).
     """
     B = len(examples)
     shared = (
@@ -104,6 +106,7 @@ def collate(
         if with_rejected:
             rows_tokens += [e["rejected_prompt_ids"] + e["rejected_ids"] for e in examples]
     R, T = len(rows_tokens), max(len(t) for t in rows_tokens)
+    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, T), dtype=torch.long)
     rows, positions, targets, seq = [], [], [], []

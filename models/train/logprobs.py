@@ -139,6 +139,9 @@ def plain_linear_weight(lm_head: torch.nn.Module) -> torch.Tensor | None:
     return w
 
 
+ROW_BUCKET = 64
+
+
 class CompletionLogps(torch.nn.Module):
     """Wraps a causal LM so that forward returns per-sequence completion log-probs.
 
@@ -175,7 +178,13 @@ class CompletionLogps(torch.nn.Module):
             device = states.device.type
             on = torch.is_autocast_enabled(device)
             dtype = torch.get_autocast_dtype(device) if on else weight.dtype
-            return TokenLogps.apply(states, weight, targets, self.chunk_size, dtype)
+            # Rows padded to a multiple of ROW_BUCKET, so that the last chunk takes one of a few shapes: oneDNN
+            # (bfloat16 on CPUs) caches a compiled kernel per matmul shape, ~1 MB each, for the whole run.
+            n, pad = states.shape[0], -states.shape[0] % ROW_BUCKET
+            if pad:
+                states = torch.cat([states, states.new_zeros(pad, states.shape[1])])
+                targets = torch.cat([targets, targets.new_zeros(pad)])
+            return TokenLogps.apply(states, weight, targets, self.chunk_size, dtype)[:n]
         pieces = []
         for start in range(0, states.shape[0], self.chunk_size):
             h, t = states[start : start + self.chunk_size], targets[start : start + self.chunk_size]

@@ -212,17 +212,21 @@ class CPORecipe:
     def _setup_optimizer(self):
         decay = [p for p in self.trainable if p.ndim >= 2]
         no_decay = [p for p in self.trainable if p.ndim < 2]  # norms and biases: no weight decay (as in HF)
+        ds = self.accelerator.state.deepspeed_plugin
+        # The fused kernel updates each tensor in one pass, with no temporaries of its size (the loop version
+        # makes several); DeepSpeed keeps the choice of its own.
+        fused = ds is None and all(p.device.type in ("cpu", "cuda") for p in self.trainable)
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.s.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             lr=self.s.learning_rate,
+            fused=fused or None,
         )
         warmup = math.ceil(self.s.warmup_ratio * self.total_steps)
         # Not prepared: accelerate's scheduler wrapper would step once per process per step.
         self.scheduler = build_scheduler(self.s.lr_scheduler, self.optimizer, warmup, self.total_steps)
-        ds = self.accelerator.state.deepspeed_plugin
         if ds is not None:  # no dataloader tells DeepSpeed the batch; its accumulation and clipping are ours
             ds.deepspeed_config["train_micro_batch_size_per_gpu"] = self.s.batch_size
             ds.deepspeed_config["gradient_accumulation_steps"] = self.s.gradient_accumulation_steps
@@ -308,6 +312,7 @@ class CPORecipe:
             self.shared_prompt,
             mask_dtype=next(self.model.parameters()).dtype,
             attn_implementation=self.attn_implementation,
+            pad_to_multiple_of=self.s.pad_to_multiple_of,
         ).to(self.device)
         with self._autocast():
             return self.logps_module(batch)

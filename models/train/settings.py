@@ -169,6 +169,13 @@ class TrainSettings(BaseModel):
         description="Write a metrics.jsonl line every N optimizer steps.",
         json_schema_extra=NOT_A_RESULT,
     )
+    pad_to_multiple_of: int = Field(
+        8,
+        ge=1,
+        description="Pad each micro-batch's rows to a multiple of this many tokens (masked, so only rounding "
+        "changes): fewer distinct matmul shapes, which kernel caches (oneDNN's on CPUs, ~1 MB each) keep all run.",
+        json_schema_extra=NOT_A_RESULT,
+    )
     logits_chunk_size: int = Field(
         256,
         ge=1,

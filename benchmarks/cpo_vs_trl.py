@@ -192,21 +192,27 @@ def token_counts(model_path: Path, pairs: list[dict], order: list[list[int]]) ->
     return {"real": real, "padded_ours": ours, "padded_trl": trl, "examples": ex}
 
 
-def run_ours(args, model_path: Path, pairs: list[dict], work: Path) -> dict:
-    from alma_r.models.train.metrics import read_metrics
-    from alma_r.models.train.recipe import CPORecipe
+def our_settings(args):
+    """Our engine's TrainSettings for the benchmark's fixed setup (the TRL child mirrors each of them)."""
     from alma_r.models.train.settings import TrainSettings
 
     bf16 = args.dtype == "bfloat16"
-    settings = TrainSettings(
+    return TrainSettings(
         loss_type="sigmoid", beta=0.1, cpo_alpha=1.0, learning_rate=1e-4, lr_scheduler="constant",
         warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, max_steps=args.steps, batch_size=args.batch_size,
         tokenization="trl", shared_prompt=True, lora=lora_config(args), save_steps=10**9, logging_steps=1,
         max_prompt_length=MAX_PROMPT_LENGTH, max_length=MAX_LENGTH,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision="bf16" if bf16 else "no",
-        finetune=args.finetune,
+        finetune=args.finetune, **dict(item.split("=", 1) for item in args.ours_set),
     )  # fmt: skip
-    recipe = CPORecipe(settings, str(model_path), pairs, work / "ours", seed=0, dtype=args.dtype).setup()
+
+
+def run_ours(args, model_path: Path, pairs: list[dict], work: Path) -> dict:
+    from alma_r.models.train.metrics import read_metrics
+    from alma_r.models.train.recipe import CPORecipe
+
+    recipe = CPORecipe(our_settings(args), str(model_path), pairs, work / "ours", seed=0, dtype=args.dtype)
+    recipe = recipe.setup()
     assert len(recipe.examples) == len(pairs), recipe.skipped
     ends: list[tuple] = []
     scheduler_step = recipe.scheduler.step
@@ -360,6 +366,8 @@ def spawn(args, engine: str, out: Path, pairs_file: Path) -> dict:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    for item in args.ours_set:
+        cmd += ["--ours-set", item]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1")
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # our engine picks CUDA whenever it sees one
@@ -392,6 +400,11 @@ def main():
     p.add_argument("--finetune", choices=("lora", "full"), default="lora",
                    help="lora: a new adapter in both engines (TRL through peft_config); full: every weight")  # fmt: skip
     p.add_argument("--lora-targets", default="down_proj", help="comma-separated; ALMA-R's choice by default")
+    p.add_argument(
+        "--ours-set", action="append", default=[], metavar="KEY=VALUE",
+        help="one of our engine's train settings (e.g. activation_recompute=off, logits_chunk_size=1024), to "
+        "measure what it gives; repeatable",
+    )  # fmt: skip
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
         "--repeats", type=int, default=1, help="runs per engine, alternating; each step's fastest time counts"

@@ -83,7 +83,8 @@ def report(
         f"data: {n_pairs} WMT'22 pairs (de-en, en-de), chosen = ALMA-13B-R, rejected = reference; "
         f"{args.steps} steps x {args.batch_size} pairs, {args.repeats} run(s) per engine; device {args.device} "
         f"({ours['device']}), {args.dtype}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
-        f"torch threads {ours['torch_threads']}",
+        f"torch threads {ours['torch_threads']}"
+        + (f"; our engine with {', '.join(args.ours_set)}" if args.ours_set else ""),
         f"LoRA A init checksum: ours {ours['lora_a_checksum']:.6f}, TRL {trl['lora_a_checksum']:.6f} "
         f"({'identical start' if abs(ours['lora_a_checksum'] - trl['lora_a_checksum']) < 1e-6 else 'different'})",
         "",

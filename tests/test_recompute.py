@@ -1,5 +1,6 @@
-"""The engine's memory settings change no value: selective activation recompute (models/train/recompute.py) gives
-bitwise the losses and weights of a run without it, and padding rows to a multiple of 8 tokens only rounding."""
+"""The engine's memory and layout choices change no value: selective activation recompute (models/train/recompute.py)
+gives bitwise the run without it; padding rows to a multiple of 8 tokens and packing several pairs to a row change
+only rounding."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alma_r.models.train.batching import collate, tokenize_pairs
+from alma_r.models.train.batching import collate, pack_rows, tokenize_pairs
 from alma_r.models.train.logprobs import CompletionLogps
 from alma_r.models.train.recipe import CPORecipe
 from alma_r.models.train.recompute import _kept, recompute_mode
@@ -103,3 +104,34 @@ def test_rows_padded_to_a_multiple_of_8_give_the_same_logps(tiny_model_dir, shar
         b, nb = CompletionLogps(model)(padded)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert na.tolist() == nb.tolist()
+
+
+def test_pack_rows_first_fit_by_decreasing_length():
+    # capacity 10: 7 opens row 0, 6 row 1, 3 fills row 0 (7+3), 4 joins row 1 (6+4), 2 opens row 2
+    assert pack_rows([3, 7, 4, 6, 2], 10) == [(0, 7), (0, 0), (1, 6), (1, 0), (2, 0)]
+    assert pack_rows([5], 5) == [(0, 0)]
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_rows([6], 5)
+
+
+def test_packed_pairs_give_the_logps_and_gradients_of_one_row_per_sequence(tiny_model_dir):
+    """Several pairs share a row in the shared-prompt layout; each must see only itself (its own positions, a
+    block of the mask), so its log-probs and the gradients equal those of the plain layout (a row per sequence)."""
+    from alma_r.models.loading import load_model, load_tokenizer
+
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    long = {"prompt": PAIRS[0]["prompt"], "chosen": "a much longer sentence " * 12, "rejected": "long " * 20}
+    examples, _ = tokenize_pairs(tokenizer, [long, *PAIRS[:4]], max_prompt_length=64, max_length=256)
+    packed = collate(examples, tokenizer.pad_token_id, shared_prompt=True)
+    assert packed.input_ids.shape[0] < len(examples)  # some rows hold two or more pairs
+    runs = []
+    for batch in (packed, collate(examples, tokenizer.pad_token_id, shared_prompt=False)):
+        model.zero_grad()
+        logps, n_tokens = CompletionLogps(model, chunk_size=5)(batch)
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        runs.append((logps.detach(), n_tokens, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, na, ga), (b, nb, gb) = runs
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert na.tolist() == nb.tolist()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=2e-5, msg=name)  # float32 sums

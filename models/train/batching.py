@@ -77,6 +77,22 @@ def _mask_value(dtype: torch.dtype, attn_implementation: str):
     return None
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[tuple[int, int]]:
+    """(row, offset) of each sequence when sequences are packed into rows of `capacity` tokens, first-fit by
+    decreasing length (a sequence longer than the capacity is not allowed). Deterministic: ties keep order."""
+    free: list[int] = []  # tokens left in each row
+    places: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        if lengths[i] > capacity:
+            raise ValueError(f"a sequence of {lengths[i]} tokens does not fit a row of {capacity}")
+        row = next((r for r, left in enumerate(free) if left >= lengths[i]), len(free))
+        if row == len(free):
+            free.append(capacity)
+        places[i] = (row, capacity - free[row])
+        free[row] -= lengths[i]
+    return places
+
+
 def collate(
     examples: list[dict],
     pad_id: int,
@@ -89,8 +105,10 @@ def collate(
     """Lay a micro-batch out for one decoder pass. Sequences 0..B-1 are the chosen sides, B..2B-1 the rejected.
 
     Plain layout: 2B right-padded rows (prompt + completion), a 2D mask. Shared-prompt layout (when every pair's
-    two prompts are identical): B rows of prompt + chosen + rejected, where rejected tokens see the prompt and
-    themselves but not the chosen tokens, and continue the prompt's positions: the prompt is encoded once.
+    two prompts are identical): each pair is one segment of prompt + chosen + rejected, where rejected tokens
+    see the prompt and themselves but not the chosen tokens, and continue the prompt's positions: the prompt is
+    encoded once. Segments are packed several to a row (`pack_rows`, rows as long as the longest segment), each
+    seeing only itself, with its own positions: the padding a row per pair would need is mostly gone.
     Rows are padded to a multiple of `pad_to_multiple_of` tokens (masked: no value changes but for rounding).
     """
     B = len(examples)
@@ -100,13 +118,16 @@ def collate(
         and all(e["chosen_prompt_ids"] == e["rejected_prompt_ids"] for e in examples)
     )
     if shared:
-        rows_tokens = [e["chosen_prompt_ids"] + e["chosen_ids"] + e["rejected_ids"] for e in examples]
+        pair_tokens = [e["chosen_prompt_ids"] + e["chosen_ids"] + e["rejected_ids"] for e in examples]
+        T = -(-max(len(t) for t in pair_tokens) // pad_to_multiple_of) * pad_to_multiple_of
+        places = pack_rows([len(t) for t in pair_tokens], T)
+        R = 1 + max(row for row, _ in places)
     else:
         rows_tokens = [e["chosen_prompt_ids"] + e["chosen_ids"] for e in examples]
         if with_rejected:
             rows_tokens += [e["rejected_prompt_ids"] + e["rejected_ids"] for e in examples]
-    R, T = len(rows_tokens), max(len(t) for t in rows_tokens)
-    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+        R, T = len(rows_tokens), max(len(t) for t in rows_tokens)
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, T), dtype=torch.long)
     rows, positions, targets, seq = [], [], [], []
@@ -122,15 +143,15 @@ def collate(
     if shared:
         allowed = torch.zeros((R, T, T), dtype=torch.bool)
         causal = torch.ones((T, T), dtype=torch.bool).tril()
-        for row, e in enumerate(examples):
+        for i, (e, (row, o)) in enumerate(zip(examples, places, strict=True)):
             P, C, Rj = len(e["chosen_prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
             n = P + C + Rj
-            input_ids[row, :n] = torch.tensor(rows_tokens[row])
-            position_ids[row, :n] = torch.cat([torch.arange(P + C), torch.arange(P, P + Rj)])
-            allowed[row, :n, :n] = causal[:n, :n]
-            allowed[row, P + C : n, P : P + C] = False  # rejected tokens never see the chosen ones
-            completion(row, P, P - 1, e["chosen_ids"], row)
-            completion(row, P + C, P - 1, e["rejected_ids"], B + row)
+            input_ids[row, o : o + n] = torch.tensor(pair_tokens[i])
+            position_ids[row, o : o + n] = torch.cat([torch.arange(P + C), torch.arange(P, P + Rj)])
+            allowed[row, o : o + n, o : o + n] = causal[:n, :n]  # a pair sees nothing of its row's others
+            allowed[row, o + P + C : o + n, o + P : o + P + C] = False  # rejected tokens never see the chosen
+            completion(row, o + P, o + P - 1, e["chosen_ids"], i)
+            completion(row, o + P + C, o + P - 1, e["rejected_ids"], B + i)
         # Padding query rows attend to themselves only, so that no softmax row is empty.
         idx = torch.arange(T)
         allowed[:, idx, idx] = True

@@ -42,7 +42,7 @@ from types import SimpleNamespace
 
 # beside this script: its folder is first on sys.path
 from cpo_vs_trl_report import QUIET, report
-from flops import DecoderShape, step_flops
+from flops import DecoderShape, shared_prompt_step_flops, step_flops
 from measure import machine_busy_seconds, matmul_peak, measure, stamp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,20 +152,28 @@ def lora_config(args) -> dict:
     return {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": args.lora_targets.split(",")}
 
 
-def flops_per_step(model_path: Path, examples: list[dict], order: list[list[int]], args) -> list[int]:
-    """Model FLOPs of each step (benchmarks/flops.py): both sequences of every pair, prompt included, at their
-    real lengths, as the plain layout computes them; the same count for both engines, so MFU compares them as
-    pairs/s does (our shared-prompt layout encodes each prompt once: fewer FLOPs than counted)."""
+def flops_per_step(
+    model_path: Path, examples: list[dict], order: list[list[int]], args
+) -> dict[str, list[int]]:
+    """FLOPs of each step (benchmarks/flops.py) on real, unpadded tokens. "model": both sequences of every pair,
+    prompt included, lm_head on every position, as the plain layout computes them; the same count for both
+    engines, so its MFU ranks them as pairs/s does. "executed": what the engine itself runs; TRL's is the plain
+    count, ours encodes each prompt once and runs the head on completion positions only (shared_prompt_step_flops)."""
     from transformers import AutoConfig
 
     shape = DecoderShape.of(AutoConfig.from_pretrained(model_path))
     rank, targets = (None, ()) if args.finetune == "full" else (16, tuple(args.lora_targets.split(",")))
-    out = []
+    model, executed = [], []
     for idx in order:
         lengths = [len(examples[i][f"{s}_prompt_ids"]) + len(examples[i][f"{s}_ids"]) for i in idx
                    for s in ("chosen", "rejected")]  # fmt: skip
-        out.append(step_flops(shape, lengths, rank, targets))
-    return out
+        model.append(step_flops(shape, lengths, rank, targets))
+        pairs = [(len(examples[i]["chosen_prompt_ids"]), len(examples[i]["chosen_ids"]),
+                  len(examples[i]["rejected_ids"])) for i in idx]  # fmt: skip
+        executed.append(
+            shared_prompt_step_flops(shape, pairs, rank, targets) if args.engine == "ours" else model[-1]
+        )
+    return {"model": model, "executed": executed}
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -173,21 +181,20 @@ def flops_per_step(model_path: Path, examples: list[dict], order: list[list[int]
 
 def token_counts(model_path: Path, pairs: list[dict], order: list[list[int]]) -> dict:
     """Per step: the real tokens of both sequences of each pair (prompt counted twice, as in a plain layout), and
-    the padded tokens each engine's layout pushes through the decoder (ours: one row per pair holding prompt +
-    chosen + rejected, padded to a multiple of pad_to_multiple_of; TRL: two rows per pair, chosen and rejected,
-    each with the prompt)."""
+    the padded tokens each engine's layout pushes through the decoder (ours: the rows collate packs, each pair a
+    segment of prompt + chosen + rejected; TRL: two rows per pair, chosen and rejected, each with the prompt)."""
     from alma_r.models.loading import load_tokenizer
-    from alma_r.models.train.batching import tokenize_pairs
+    from alma_r.models.train.batching import collate, tokenize_pairs
     from alma_r.models.train.settings import TrainSettings
 
     ex, _ = tokenize_pairs(load_tokenizer(str(model_path)), pairs, MAX_PROMPT_LENGTH, MAX_LENGTH, "trl")
-    multiple = TrainSettings().pad_to_multiple_of  # our engine's rows: padded to a multiple of this
+    multiple = TrainSettings().pad_to_multiple_of
     real, ours, trl = [], [], []
     for idx in order:
         batch = [ex[i] for i in idx]
         lens = [(len(e["chosen_prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])) for e in batch]
         real.append(sum(2 * p + c + r for p, c, r in lens))
-        ours.append(len(batch) * -(-max(p + c + r for p, c, r in lens) // multiple) * multiple)
+        ours.append(collate(batch, 0, shared_prompt=True, pad_to_multiple_of=multiple).input_ids.numel())
         trl.append(2 * len(batch) * max(p + max(c, r) for p, c, r in lens))
     return {"real": real, "padded_ours": ours, "padded_trl": trl, "examples": ex}
 
@@ -335,8 +342,9 @@ def child(args) -> dict:
         real_tokens_per_step=sum(counts["real"]) / len(order),
         padded_tokens_per_step=sum(counts[f"padded_{args.engine}"]) / len(order),
         tokens_per_second=steady_real / result["steady_seconds"],
-        flops_per_step=flops_per_step(model_path, counts["examples"], order, args),
     )
+    flops = flops_per_step(model_path, counts["examples"], order, args)
+    result.update(flops_per_step=flops["model"], executed_flops_per_step=flops["executed"])
     return result
 
 

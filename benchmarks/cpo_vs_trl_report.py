@@ -46,6 +46,7 @@ def summarise(runs: list[dict], batch_size: int) -> dict:
         "peak_cuda_gb": max(r["peak_cuda_gb"] for r in runs) if first["peak_cuda_gb"] is not None else None,
         # steps 2..N of the fastest times: flops_per_step[0] is step 1, the warm-up
         "flops_per_second": sum(first["flops_per_step"][1 : n + 1]) / sum(seconds),
+        "executed_flops_per_second": sum(first["executed_flops_per_step"][1 : n + 1]) / sum(seconds),
         "train_seconds": min(r["train_seconds"] for r in runs),
     }
 
@@ -88,16 +89,17 @@ def report(
         f"LoRA A init checksum: ours {ours['lora_a_checksum']:.6f}, TRL {trl['lora_a_checksum']:.6f} "
         f"({'identical start' if abs(ours['lora_a_checksum'] - trl['lora_a_checksum']) < 1e-6 else 'different'})",
         "",
-        "| engine | pairs/s | GFLOP/s | MFU | peak RSS GB | final loss | first-step loss | RSS before train() GB "
-        "| train() peak RSS GB | tokens/step real / padded | quiet steps |"
+        "| engine | pairs/s | model GFLOP/s | MFU | executed GFLOP/s | executed MFU | peak RSS GB | final loss "
+        "| first-step loss | RSS before train() GB | train() peak RSS GB | tokens/step real / padded | quiet steps |"
         + (" peak CUDA GB | MFU (datasheet) |" if cuda else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
     ]
     for name, r in (("ours (CPORecipe)", ours), ("TRL CPOTrainer", trl)):
         tp = r["train_peak_rss_gb"]
         row = (
             f"| {name} | {r['pairs_per_second']:.2f} | {r['flops_per_second'] / 1e9:.0f} "
-            f"| {100 * r['flops_per_second'] / peak:.1f}% | {r['peak_rss_gb']:.2f} | {r['losses'][-1]:.4f} "
+            f"| {100 * r['flops_per_second'] / peak:.1f}% | {r['executed_flops_per_second'] / 1e9:.0f} "
+            f"| {100 * r['executed_flops_per_second'] / peak:.1f}% | {r['peak_rss_gb']:.2f} | {r['losses'][-1]:.4f} "
             f"| {r['losses'][0]:.4f} | {r['rss_before_train_gb']:.2f} | {'n/a' if tp is None else f'{tp:.2f}'} "
             f"| {r['real_tokens_per_step']:.0f} / {r['padded_tokens_per_step']:.0f} "
             f"| {r['quiet_steps']}/{r['timed_steps']} |"
@@ -118,6 +120,9 @@ def report(
     floor = memory_floor_gb(meta["params"], ours["trainable"], args.dtype, args.finetune == "lora")
     lines += [
         "",
+        "FLOPs on real tokens (benchmarks/flops.py): model = the plain layout's count (both sequences of a pair "
+        "with its prompt, the head on every position), the same for both engines; executed = what the engine "
+        "itself runs (TRL: the plain layout; ours: each prompt once, the head on completion positions, its recompute).",
         f"memory floor (weights {floor['weights']:.2f} + gradients {floor['gradients']:.2f} + AdamW state "
         f"{floor['optimizer']:.2f} GB = {floor['total']:.2f} GB, activations not included): peak RSS above it "
         f"ours {ours['peak_rss_gb'] - floor['total']:.2f} GB, TRL {trl['peak_rss_gb'] - floor['total']:.2f} GB",

@@ -129,6 +129,29 @@ def step_flops(
     return sum(sequence_flops(shape, n, lora_rank, lora_targets)["total"] for n in lengths)
 
 
+def shared_prompt_step_flops(
+    shape: DecoderShape,
+    pairs: list[tuple[int, int, int]],
+    lora_rank: int | None = None,
+    lora_targets: tuple[str, ...] = (),
+) -> int:
+    """What our engine executes on the real tokens of a step of (prompt, chosen, rejected) lengths: each pair one
+    segment of p + c + r tokens (the prompt once, attention over the segment's full square), the lm_head only on
+    the c + r completion positions, twice with a frozen head (the forward and, in the same pass, the gradient
+    with respect to its input: models/train/logprobs.py TokenLogps) and four times with a trained one (the
+    forward, its recompute in backward, dX and dW). Padding is not counted."""
+    lora = lora_rank is not None
+    total = 0
+    for p, c, r in pairs:
+        n = p + c + r
+        counted_head = (
+            2 * n * shape.hidden * shape.vocab * (2 + (not lora))
+        )  # sequence_flops' forward, dX, dW
+        head = 2 * (c + r) * shape.hidden * shape.vocab * (2 if lora else 4)
+        total += sequence_flops(shape, n, lora_rank, lora_targets)["total"] - counted_head + head
+    return total
+
+
 def forward_flops(shape: DecoderShape, new: int, past: int, logits: int) -> int:
     """Matmul FLOPs of one forward pass over `new` tokens of one row that attend to `past` cached ones as well:
     the projections, QKᵀ and AV over (new) x (past + new) scores, lm_head on the `logits` positions that get

@@ -4,7 +4,7 @@
 # python3 with torch; the project's pure-Python dependencies can come as wheels in .whl/ (installed to
 # /tmp/site, nothing is written outside /tmp and $OUT).
 #
-#   GPU_CHECK_PARTS="learning bench resume" OUT=/tmp/out bash scripts/gpu_check.sh
+#   GPU_CHECK_PARTS="learning bench resume profile" OUT=/tmp/out bash scripts/gpu_check.sh
 #
 # Parts (each writes <part>.log and its results; a failing part does not stop the others, the exit status is the
 # number of failed parts):
@@ -15,9 +15,11 @@
 #             side by side (needs the benchmark's data folder in $ALMA_DATA)
 #   resume    scripts/gpu_resume_check.py: bf16 CPO with LoRA dropout on CUDA, interrupted at a checkpoint and
 #             resumed in a new process, against an uninterrupted run (exact resume needs the CUDA RNG state)
+#   profile   benchmarks/profile_step.py on CUDA (the bench's 1B setup, LoRA and full): where our engine's step
+#             spends its time, the GPU's busy share and the host's waits (TRL was faster there: why)
 set -u
 OUT=${OUT:-$PWD/gpu-check}
-PARTS=${GPU_CHECK_PARTS-"learning bench resume"}
+PARTS=${GPU_CHECK_PARTS-"learning bench resume profile"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 
@@ -66,6 +68,13 @@ fi
 if part resume; then
   python3 scripts/gpu_resume_check.py --out "$OUT/resume.json" >"$OUT/resume.log" 2>&1 \
     || { echo "resume failed"; failed=$((failed + 1)); }
+fi
+
+if part profile; then
+  for ft in lora full; do
+    python3 benchmarks/profile_step.py --device cuda --dtype bfloat16 --model-size 1b --finetune "$ft" \
+      --trace "$OUT/profile-$ft.json" >"$OUT/profile-$ft.log" 2>&1 || { echo "profile $ft failed"; failed=$((failed + 1)); }
+  done
 fi
 
 if part learning; then

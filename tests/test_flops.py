@@ -95,3 +95,39 @@ def test_generation_flops_equal_the_counter_on_generate(beams, new_tokens):
         )
     expected = generation_flops(DecoderShape.of(model.config), 7, new_tokens, 2 * beams)
     assert counter.get_total_flops() == expected
+
+
+@pytest.mark.parametrize("targets", [None, ("down_proj",), ("q_proj", "v_proj")], ids=["full", "down", "qv"])
+def test_our_engine_executes_the_shared_prompt_count(targets):
+    """One pair in one row, no padding: FlopCounterMode over CompletionLogps' forward and backward (the decoder
+    once over prompt + chosen + rejected, the head through TokenLogps) gives shared_prompt_step_flops exactly."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from alma_r.models.loading import add_lora
+    from alma_r.models.train.batching import collate
+    from alma_r.models.train.logprobs import ROW_BUCKET, CompletionLogps
+    from benchmarks.flops import shared_prompt_step_flops
+
+    model = tiny_llama()
+    if targets:
+        model = add_lora(model, 4, 8, 0.0, targets)
+    p, c, r = 10, 40, ROW_BUCKET - 40  # completion rows a multiple of the head's row bucket: none padded
+    g = torch.Generator().manual_seed(1)
+    ids = lambda k: torch.randint(0, 96, (k,), generator=g).tolist()  # noqa: E731
+    prompt = ids(p)
+    pair = {
+        "chosen_prompt_ids": prompt,
+        "rejected_prompt_ids": prompt,
+        "chosen_ids": ids(c),
+        "rejected_ids": ids(r),
+    }
+    batch = collate(
+        [pair], pad_id=0, shared_prompt=True, mask_dtype=torch.float32, attn_implementation="eager"
+    )
+    assert batch.input_ids.shape == (1, p + c + r)
+    with FlopCounterMode(display=False) as counter:
+        logps, _ = CompletionLogps(model)(batch)
+        logps.sum().backward()
+    shape = DecoderShape.of(model.config)
+    rank = None if targets is None else 4
+    assert counter.get_total_flops() == shared_prompt_step_flops(shape, [(p, c, r)], rank, targets or ())

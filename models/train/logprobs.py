@@ -111,7 +111,7 @@ class TokenLogps(torch.autograd.Function):
         dt = ctx.compute_dtype
         w = weight.to(dt)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_weight = None  # float32, the first chunk's product then each further one added in place
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             h = hidden[start:end].to(dt)
@@ -120,11 +120,15 @@ class TokenLogps(torch.autograd.Function):
             )  # d loss / d logits
             if grad_hidden is not None:
                 grad_hidden[start:end] = g @ w
-            if dt == grad_weight.dtype:
-                grad_weight.addmm_(g.t(), h)
+            if grad_weight is None:
+                grad_weight = (g.t() @ h).float()
+            elif dt == torch.float32:
+                torch.addmm(grad_weight, g.t(), h, out=grad_weight)
             else:  # the matmul in the compute dtype, accumulated in float32
                 grad_weight += g.t() @ h
             del g
+        if grad_weight is None:  # no rows
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 

@@ -66,11 +66,12 @@ def test_elementwise_recompute_is_bitwise_the_run_without_it(tiny_model_dir, tmp
 
 
 def test_recompute_mode():
-    assert recompute_mode("auto", "full", False) == "elementwise"
-    assert recompute_mode("auto", "lora", False) == "off"
-    assert recompute_mode("elementwise", "lora", False) == "elementwise"
-    assert recompute_mode("off", "full", False) == "off"
-    assert recompute_mode("elementwise", "full", True) == "layers"  # gradient_checkpointing overrides
+    assert recompute_mode("auto", "full", False, 512) == "elementwise"
+    assert recompute_mode("auto", "full", False, 128) == "off"  # a tiny model: only the replay's overhead
+    assert recompute_mode("auto", "lora", False, 4096) == "off"
+    assert recompute_mode("elementwise", "lora", False, 64) == "elementwise"
+    assert recompute_mode("off", "full", False, 4096) == "off"
+    assert recompute_mode("elementwise", "full", True, 4096) == "layers"  # gradient_checkpointing overrides
 
 
 def test_the_policy_keeps_matmuls_and_attention_only():

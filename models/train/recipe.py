@@ -44,7 +44,7 @@ from alma_r.models.train.metrics import (
     read_metrics,
     step_record,
 )
-from alma_r.models.train.recompute import enable_elementwise_recompute, recompute_mode
+from alma_r.models.train.recompute import enable_recompute, recompute_mode
 from alma_r.models.train.schedules import build_scheduler
 from alma_r.models.train.settings import TrainSettings
 from alma_r.models.weights import weights_fingerprint
@@ -139,13 +139,11 @@ class CPORecipe:
             model = add_lora(model, self.lora.r, self.lora.alpha, self.lora.dropout, self.lora.target_modules)
         if self.s.disable_dropout:
             disable_dropout(model)
+        hidden = getattr(model.config, "hidden_size", 0)
         self.recompute = recompute_mode(
-            self.s.activation_recompute, self.s.finetune, self.s.gradient_checkpointing
+            self.s.activation_recompute, self.s.finetune, self.s.gradient_checkpointing, hidden
         )
-        if self.recompute == "layers":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif self.recompute == "elementwise":
-            enable_elementwise_recompute(model)
+        enable_recompute(model, self.recompute)
         self.model = model
         self.is_peft = hasattr(model, "peft_config")
         self.attn_implementation = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"

@@ -10,7 +10,7 @@ ops on the same inputs, so losses and gradients are bitwise those of a run witho
 Measured (docs/benchmarks.md): with full fine-tuning, where every matmul input is kept anyway for its weight
 gradient, it lowers the activation memory at the same speed; with LoRA the frozen matmuls keep no inputs, so
 the layer stores about as much either way and the replay only costs time: `auto` turns it on for full
-fine-tuning only.
+fine-tuning of models from hidden size AUTO_MIN_HIDDEN up.
 """
 
 from __future__ import annotations
@@ -33,21 +33,29 @@ def _policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if _kept(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def enable_elementwise_recompute(model) -> None:
-    """Checkpoint every decoder layer of a transformers model (through its own gradient checkpointing hook)
-    with the selective policy above. Non-reentrant, so that DDP/FSDP and frozen inputs work as without it."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+def enable_recompute(model, mode: str) -> None:
+    """Checkpoint every decoder layer of a transformers model through its own gradient-checkpointing hook:
+    "layers" recomputes each whole layer, "elementwise" with the selective policy above, "off" nothing.
+    Non-reentrant, so that DDP/FSDP and frozen inputs work as without it."""
+    if mode == "off":
+        return
+    kwargs = {"use_reentrant": False}
+    if mode == "elementwise":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    context_fn = functools.partial(create_selective_checkpoint_contexts, _policy)
-    model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
-    )
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _policy)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def recompute_mode(setting: str, finetune: str, gradient_checkpointing: bool) -> str:
+# `auto` recomputes from this hidden size up: at 512 (docs/benchmarks.md's 58M model) the replay cost no speed,
+# while in models of hidden size 64-128 its per-op overhead nearly doubled a step whose activations are tiny.
+AUTO_MIN_HIDDEN = 512
+
+
+def recompute_mode(setting: str, finetune: str, gradient_checkpointing: bool, hidden_size: int) -> str:
     """What a run does: "layers" (whole-layer gradient checkpointing), "elementwise" or "off"."""
     if gradient_checkpointing:
         return "layers"
     if setting == "auto":
-        return "elementwise" if finetune == "full" else "off"
+        return "elementwise" if finetune == "full" and hidden_size >= AUTO_MIN_HIDDEN else "off"
     return setting

@@ -98,7 +98,8 @@ class TrainSettings(BaseModel):
         "auto",
         description="elementwise: keep each decoder layer's matmul and attention outputs and recompute its "
         "elementwise ops (norms, rotary, SiLU) in backward: same values, less memory; auto: elementwise with "
-        "finetune full, off with LoRA (where it saves no memory); gradient_checkpointing overrides it.",
+        "finetune full from hidden size 512 up, else off (LoRA: no saving; tiny models: only overhead); "
+        "gradient_checkpointing overrides it.",
         json_schema_extra=NOT_A_RESULT,
     )
     mixed_precision: Literal["no", "bf16"] = Field(

@@ -117,17 +117,18 @@ def collate(
         and shared_prompt
         and all(e["chosen_prompt_ids"] == e["rejected_prompt_ids"] for e in examples)
     )
+    if shared:  # a sequence per pair, packed into rows below
+        seqs = [e["chosen_prompt_ids"] + e["chosen_ids"] + e["rejected_ids"] for e in examples]
+    else:  # a row per sequence
+        seqs = [e["chosen_prompt_ids"] + e["chosen_ids"] for e in examples]
+        if with_rejected:
+            seqs += [e["rejected_prompt_ids"] + e["rejected_ids"] for e in examples]
+    T = -(-max(len(t) for t in seqs) // pad_to_multiple_of) * pad_to_multiple_of
     if shared:
-        pair_tokens = [e["chosen_prompt_ids"] + e["chosen_ids"] + e["rejected_ids"] for e in examples]
-        T = -(-max(len(t) for t in pair_tokens) // pad_to_multiple_of) * pad_to_multiple_of
-        places = pack_rows([len(t) for t in pair_tokens], T)
+        places = pack_rows([len(t) for t in seqs], T)
         R = 1 + max(row for row, _ in places)
     else:
-        rows_tokens = [e["chosen_prompt_ids"] + e["chosen_ids"] for e in examples]
-        if with_rejected:
-            rows_tokens += [e["rejected_prompt_ids"] + e["rejected_ids"] for e in examples]
-        R, T = len(rows_tokens), max(len(t) for t in rows_tokens)
-        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+        R = len(seqs)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, T), dtype=torch.long)
     rows, positions, targets, seq = [], [], [], []
@@ -146,7 +147,7 @@ def collate(
         for i, (e, (row, o)) in enumerate(zip(examples, places, strict=True)):
             P, C, Rj = len(e["chosen_prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
             n = P + C + Rj
-            input_ids[row, o : o + n] = torch.tensor(pair_tokens[i])
+            input_ids[row, o : o + n] = torch.tensor(seqs[i])
             position_ids[row, o : o + n] = torch.cat([torch.arange(P + C), torch.arange(P, P + Rj)])
             allowed[row, o : o + n, o : o + n] = causal[:n, :n]  # a pair sees nothing of its row's others
             allowed[row, o + P + C : o + n, o + P : o + P + C] = False  # rejected tokens never see the chosen
@@ -171,7 +172,7 @@ def collate(
             e = examples[i]
             P, ids = len(e[f"{side}_prompt_ids"]), e[f"{side}_ids"]
             n = P + len(ids)
-            input_ids[row, :n] = torch.tensor(rows_tokens[row])
+            input_ids[row, :n] = torch.tensor(seqs[row])
             attention_mask[row, :n] = 1
             position_ids[row, :n] = torch.arange(n)
             completion(row, P, P - 1, ids, row)

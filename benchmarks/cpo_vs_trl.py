@@ -179,16 +179,15 @@ def flops_per_step(
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def token_counts(model_path: Path, pairs: list[dict], order: list[list[int]]) -> dict:
+def token_counts(model_path: Path, pairs: list[dict], order: list[list[int]], multiple: int = 1) -> dict:
     """Per step: the real tokens of both sequences of each pair (prompt counted twice, as in a plain layout), and
     the padded tokens each engine's layout pushes through the decoder (ours: the rows collate packs, each pair a
-    segment of prompt + chosen + rejected; TRL: two rows per pair, chosen and rejected, each with the prompt)."""
+    segment of prompt + chosen + rejected, padded to a multiple of `multiple`, the run's pad_to_multiple_of; TRL:
+    two rows per pair, chosen and rejected, each with the prompt)."""
     from alma_r.models.loading import load_tokenizer
     from alma_r.models.train.batching import collate, tokenize_pairs
-    from alma_r.models.train.settings import TrainSettings
 
     ex, _ = tokenize_pairs(load_tokenizer(str(model_path)), pairs, MAX_PROMPT_LENGTH, MAX_LENGTH, "trl")
-    multiple = TrainSettings().pad_to_multiple_of
     real, ours, trl = [], [], []
     for idx in order:
         batch = [ex[i] for i in idx]
@@ -334,7 +333,7 @@ def child(args) -> dict:
             result = run_ours(args, model_path, pairs, Path(work))
         else:
             result = run_trl(args, model_path, pairs, order, Path(work))
-    counts = token_counts(model_path, pairs, order)
+    counts = token_counts(model_path, pairs, order, our_settings(args).pad_to_multiple_of)
     steady_real = sum(counts["real"][1:])
     result.update(
         engine=args.engine,
